@@ -1,0 +1,319 @@
+"""The model package: the one format a client publishes.
+
+A package is a single ``.safetensors`` file: float32 tensors (the classifier's state dict, BatchNorm
+running statistics included, ``num_batches_tracked`` left out) and, in the safetensors header's
+``__metadata__`` under the key ``free_dfml``, a JSON document (see :class:`ModelMeta` and
+``docs/model-package.md``). Nothing is ever unpickled: safetensors is a plain header + raw bytes.
+
+:func:`load_package` / :func:`package_from_tensors` validate everything and raise
+:class:`PackageError`, whose one-line message names the exact problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from free_dfml.common.models import ArchitectureError, Normalized, build_model, check_arch_kwargs
+
+FORMAT = "free-dfml/model-package"
+FORMAT_VERSION = 1
+META_KEY = "free_dfml"
+MAX_PACKAGE_BYTES = 256 * 1024 * 1024   # default cap on a package (file or wire payload)
+MAX_HEADER_BYTES = 1024 * 1024
+MIN_CLASSES, MAX_CLASSES = 2, 1000
+MIN_SIDE, MAX_SIDE = 8, 512
+
+
+class PackageError(ValueError):
+    """A model package that cannot be accepted; the message says exactly why."""
+
+
+@dataclass
+class ModelMeta:
+    arch: str
+    num_classes: int
+    input_shape: tuple[int, int, int]                 # C, H, W
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    class_labels: list[str] | None = None
+    training: dict[str, Any] = field(default_factory=dict)   # free-form summary (accuracy, epochs...)
+    dp: dict[str, float] | None = None   # epsilon, delta, noise_multiplier, max_grad_norm
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["format"] = FORMAT
+        d["input_shape"] = list(self.input_shape)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return json.dumps(d, sort_keys=True, separators=(",", ":"))
+
+    @property
+    def is_dp(self) -> bool:
+        return self.dp is not None
+
+
+@dataclass
+class ModelPackage:
+    meta: ModelMeta
+    state: dict[str, torch.Tensor]
+
+    @property
+    def model_id(self) -> str:
+        return canonical_id(self.state)
+
+    def build(self, device: torch.device | str = "cpu") -> Normalized:
+        """The classifier, with its normalisation, in eval mode, on ``device``."""
+        net = _skeleton(self.meta)
+        net.load_state_dict(self.state, strict=False)
+        model = Normalized(net, self.meta.mean, self.meta.std).to(device)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+
+    def to_bytes(self) -> bytes:
+        return st_save(self.state, metadata={META_KEY: self.meta.to_json()})
+
+
+def _skeleton(meta: ModelMeta) -> nn.Module:
+    c, h, _ = meta.input_shape
+    return build_model(meta.arch, num_classes=meta.num_classes, in_channels=c, image_size=h,
+                       **meta.arch_kwargs)
+
+
+def expected_shapes(meta: ModelMeta) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape that a package with this metadata must hold."""
+    with torch.device("meta"):
+        net = _skeleton(meta)
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()
+            if not k.endswith("num_batches_tracked")}
+
+
+def state_for_package(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A classifier's state dict as a package stores it (float32, contiguous, CPU)."""
+    if isinstance(model, Normalized):
+        model = model.model
+    return {k: v.detach().to("cpu", torch.float32).contiguous()
+            for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+
+
+def canonical_id(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the sorted (name, dtype, shape, raw bytes) of the weights: the model's id."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().to("cpu").contiguous()
+        h.update(k.encode())
+        h.update(str(t.dtype).encode())
+        h.update(json.dumps(list(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------- validation
+
+def _num(v: Any, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise PackageError(f"metadata {what} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _int(v: Any, what: str, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise PackageError(f"metadata {what} must be an integer in {lo}..{hi}, got {v!r}")
+    return v
+
+
+def parse_meta(doc: Mapping[str, Any]) -> ModelMeta:
+    """Validate a metadata document (already JSON-decoded) into a :class:`ModelMeta`."""
+    if not isinstance(doc, Mapping):
+        raise PackageError("metadata must be a JSON object")
+    if doc.get("format", FORMAT) != FORMAT:
+        raise PackageError(f"metadata format {doc.get('format')!r} is not {FORMAT!r}")
+    version = doc.get("format_version")
+    if version != FORMAT_VERSION:
+        raise PackageError(f"unsupported format_version {version!r} (this build reads {FORMAT_VERSION})")
+    for key in ("arch", "num_classes", "input_shape", "mean", "std"):
+        if key not in doc:
+            raise PackageError(f"metadata is missing {key!r}")
+    arch = doc["arch"]
+    if not isinstance(arch, str):
+        raise PackageError(f"metadata arch must be a string, got {arch!r}")
+    arch_kwargs = doc.get("arch_kwargs") or {}
+    if not isinstance(arch_kwargs, Mapping):
+        raise PackageError("metadata arch_kwargs must be an object")
+    try:
+        arch_kwargs = check_arch_kwargs(arch, dict(arch_kwargs))
+    except ArchitectureError as e:
+        raise PackageError(str(e)) from None
+    num_classes = _int(doc["num_classes"], "num_classes", MIN_CLASSES, MAX_CLASSES)
+    shape = doc["input_shape"]
+    if not isinstance(shape, (list, tuple)) or len(shape) != 3:
+        raise PackageError(f"metadata input_shape must be [C, H, W], got {shape!r}")
+    c = _int(shape[0], "input_shape C", 1, 3)
+    if c == 2:
+        raise PackageError("metadata input_shape C must be 1 or 3, got 2")
+    h = _int(shape[1], "input_shape H", MIN_SIDE, MAX_SIDE)
+    w = _int(shape[2], "input_shape W", MIN_SIDE, MAX_SIDE)
+    if h != w:
+        raise PackageError(f"metadata input_shape must be square, got {h}x{w}")
+    if h < 28:
+        raise PackageError(f"architecture {arch} needs an image side >= 28, got {h}")
+    mean, std = doc["mean"], doc["std"]
+    for name, vals in (("mean", mean), ("std", std)):
+        if not isinstance(vals, (list, tuple)) or len(vals) != c:
+            raise PackageError(f"metadata {name} must list {c} value(s), got {vals!r}")
+    mean = tuple(_num(v, "mean") for v in mean)
+    std = tuple(_num(v, "std") for v in std)
+    if any(s <= 0 for s in std):
+        raise PackageError(f"metadata std must be positive, got {list(std)}")
+    labels = doc.get("class_labels")
+    if labels is not None:
+        if (not isinstance(labels, list) or len(labels) != num_classes
+                or not all(isinstance(x, str) and len(x) <= 200 for x in labels)):
+            raise PackageError(f"metadata class_labels must list {num_classes} strings")
+    training = doc.get("training") or {}
+    if not isinstance(training, Mapping):
+        raise PackageError("metadata training must be an object")
+    dp = doc.get("dp")
+    if dp is not None:
+        if not isinstance(dp, Mapping):
+            raise PackageError("metadata dp must be an object")
+        for key in ("epsilon", "delta"):
+            if key not in dp:
+                raise PackageError(f"metadata dp is missing {key!r}")
+        dp = {k: _num(v, f"dp.{k}") for k, v in dp.items()}
+        if arch_kwargs.get("norm") == "bn":
+            raise PackageError("a DP-trained model must use norm 'gn' (BatchNorm is not DP-compatible)")
+    return ModelMeta(arch=arch, num_classes=num_classes, input_shape=(c, h, w), mean=mean, std=std,
+                     arch_kwargs=arch_kwargs, class_labels=labels, training=dict(training),
+                     dp=dp, format_version=FORMAT_VERSION)
+
+
+def package_from_tensors(state: Mapping[str, torch.Tensor], meta_doc: Mapping[str, Any] | ModelMeta
+                         ) -> ModelPackage:
+    """Validate weights + metadata from any source (a file, the wire) into a package."""
+    meta = meta_doc if isinstance(meta_doc, ModelMeta) else parse_meta(meta_doc)
+    expected = expected_shapes(meta)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise PackageError(f"missing tensor {missing[0]!r}" + (f" and {len(missing) - 1} more"
+                                                                if len(missing) > 1 else ""))
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise PackageError(f"unexpected tensor {extra[0]!r}" + (f" and {len(extra) - 1} more"
+                                                                 if len(extra) > 1 else ""))
+    clean: dict[str, torch.Tensor] = {}
+    for k in sorted(expected):
+        t = state[k]
+        if not isinstance(t, torch.Tensor):
+            raise PackageError(f"tensor {k!r} is not a tensor")
+        if t.dtype != torch.float32:
+            raise PackageError(f"tensor {k!r} has dtype {str(t.dtype).replace('torch.', '')}, "
+                               "expected float32")
+        if tuple(t.shape) != expected[k]:
+            raise PackageError(f"tensor {k!r} has shape {list(t.shape)}, expected {list(expected[k])}")
+        if not torch.isfinite(t).all():
+            raise PackageError(f"tensor {k!r} holds non-finite values (NaN or Inf)")
+        if k.endswith("running_var") and (t < 0).any():
+            raise PackageError(f"tensor {k!r} holds negative variances")
+        clean[k] = t.contiguous()
+    return ModelPackage(meta=meta, state=clean)
+
+
+def _header_meta(data: bytes) -> dict[str, Any]:
+    if len(data) < 8:
+        raise PackageError("not a safetensors file (too short)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > MAX_HEADER_BYTES or 8 + n > len(data):
+        raise PackageError("not a safetensors file (bad header length; truncated or corrupt)")
+    try:
+        header = json.loads(data[8:8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise PackageError("not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise PackageError("not a safetensors file (header is not an object)")
+    meta = (header.get("__metadata__") or {}).get(META_KEY)
+    if meta is None:
+        raise PackageError(f"safetensors file has no free-dfml metadata (key {META_KEY!r})")
+    try:
+        return json.loads(meta)
+    except (TypeError, json.JSONDecodeError):
+        raise PackageError("free-dfml metadata is not valid JSON") from None
+
+
+def package_from_bytes(data: bytes, *, max_bytes: int = MAX_PACKAGE_BYTES) -> ModelPackage:
+    if len(data) > max_bytes:
+        raise PackageError(f"package is {len(data)} bytes, over the {max_bytes}-byte limit")
+    doc = _header_meta(data)
+    meta = parse_meta(doc)
+    try:
+        state = st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise PackageError(f"corrupt safetensors data: {str(e).splitlines()[0]}") from None
+    return package_from_tensors(state, meta)
+
+
+def load_package(path: str | os.PathLike, *, max_bytes: int = MAX_PACKAGE_BYTES) -> ModelPackage:
+    """Read and validate a package file. Raises :class:`PackageError` (never anything else for bad input)."""
+    p = Path(path)
+    if not p.exists():
+        raise PackageError(f"no such file: {p}")
+    if not p.is_file():
+        raise PackageError(f"not a file: {p}")
+    size = p.stat().st_size
+    if size > max_bytes:
+        raise PackageError(f"package is {size} bytes, over the {max_bytes}-byte limit")
+    return package_from_bytes(p.read_bytes(), max_bytes=max_bytes)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder + fsync + rename."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def save_package(pkg: ModelPackage, path: str | os.PathLike) -> str:
+    """Validate and atomically write a package; returns its model id."""
+    checked = package_from_tensors(pkg.state, pkg.meta)
+    atomic_write_bytes(path, checked.to_bytes())
+    return checked.model_id
+
+
+def make_package(model: nn.Module, *, arch: str, arch_kwargs: dict[str, Any], num_classes: int,
+                 input_shape: tuple[int, int, int], mean: tuple[float, ...], std: tuple[float, ...],
+                 class_labels: list[str] | None = None, training: dict[str, Any] | None = None,
+                 dp: dict[str, float] | None = None) -> ModelPackage:
+    meta = ModelMeta(arch=arch, arch_kwargs=check_arch_kwargs(arch, dict(arch_kwargs)),
+                     num_classes=num_classes, input_shape=tuple(input_shape),
+                     mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
+                     class_labels=class_labels, training=dict(training or {}), dp=dp)
+    meta = parse_meta(json.loads(meta.to_json()))   # same checks as a received package
+    return package_from_tensors(state_for_package(model), meta)
