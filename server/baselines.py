@@ -1,0 +1,89 @@
+"""Baselines in the same harness as FREE.
+
+* ``random``: a freshly initialised meta-learner, adapted at meta-test like every method.
+* ``average``: parameter average of the zoo's same-architecture models' feature layers (BatchNorm
+  running statistics averaged too) with a fresh ``way``-way head. Among the Conv4 teachers with the
+  meta-learner's input shape, the most common (width, norm) group is averaged.
+* ``oracle`` (:func:`train_oracle`, NOT data-free): MAML on real meta-train episodes with the same
+  :class:`~free_dfml.server.meta_learner.MetaLearner` code; an upper bound for benchmarks.
+* ``scratch`` inversion is ``FreeConfig(inversion="scratch")`` in the trainer itself.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable, Sequence
+
+import torch
+
+from free_dfml.common.models import Normalized, feature_keys
+from free_dfml.common.package import ModelPackage
+from free_dfml.server.device import resolve_device
+from free_dfml.server.meta_learner import MetaLearner, build_learner, zoo_normalisation
+
+
+def random_learner(cfg, *, seed: int | None = None,
+                   norm: tuple[Sequence[float], Sequence[float]] | None = None) -> Normalized:
+    """A fresh meta-learner exactly as FREE starts from (config ``cfg``: a FreeConfig; ``norm``:
+    (mean, std), e.g. ``FreeTrainer.norm``; default the configured one, else 0.5/0.25)."""
+    rng = torch.Generator().manual_seed(cfg.seed + 2 if seed is None else seed)
+    mean, std = norm if norm is not None else (cfg.norm_mean, cfg.norm_std)
+    return build_learner(cfg.way, arch=cfg.learner_arch, width=cfg.learner_width,
+                         norm=cfg.learner_norm, image_size=cfg.image_size, channels=cfg.channels,
+                         mean=mean, std=std, rng=rng)
+
+
+def average_group(packages: Sequence[ModelPackage], *, image_size: int, channels: int
+                  ) -> list[ModelPackage]:
+    """The most common (width, norm) group of Conv4 packages with input (channels, size, size)."""
+    ok = [p for p in packages if p.meta.arch == "conv4"
+          and tuple(p.meta.input_shape) == (channels, image_size, image_size)]
+    if not ok:
+        return []
+    key = lambda p: (p.meta.arch_kwargs["width"], p.meta.arch_kwargs["norm"])  # noqa: E731
+    (best, _), = Counter(key(p) for p in ok).most_common(1)
+    return [p for p in ok if key(p) == best]
+
+
+def average_learner(packages: Sequence[ModelPackage], cfg, *, seed: int | None = None) -> Normalized:
+    """Average of the feature layers of the largest compatible Conv4 group; fresh ``way``-way head."""
+    group = average_group(packages, image_size=cfg.image_size, channels=cfg.channels)
+    if not group:
+        raise ValueError("no Conv4 model in the zoo matches the meta-learner's input shape; "
+                         "the average baseline needs at least one")
+    width, norm = group[0].meta.arch_kwargs["width"], group[0].meta.arch_kwargs["norm"]
+    mean, std = zoo_normalisation([p.meta for p in group], cfg.channels)
+    rng = torch.Generator().manual_seed(cfg.seed + 2 if seed is None else seed)
+    learner = build_learner(cfg.way, arch="conv4", width=width, norm=norm, image_size=cfg.image_size,
+                            channels=cfg.channels, mean=mean, std=std, rng=rng)
+    state = learner.model.state_dict()
+    for k in feature_keys(learner.model):
+        if k.endswith("num_batches_tracked"):
+            continue
+        state[k] = torch.stack([p.state[k] for p in group]).mean(0)
+    learner.model.load_state_dict(state)
+    return learner
+
+
+def train_oracle(dataset_split, cfg, iterations: int, *, device: str = "auto", seed: int | None = None,
+                 shot: int | None = None, on_metrics: Callable[[dict], None] | None = None
+                 ) -> Normalized:
+    """MAML on real episodes of ``dataset_split`` (a SplitData of meta-train classes): ``iterations``
+    meta-batches of ``cfg.meta_batch`` episodes, same inner loop as FREE's replay. NOT data-free."""
+    from free_dfml.common.datasets import to_float
+    from free_dfml.common.episodes import EpisodeSampler
+
+    dev = resolve_device(device)
+    learner = random_learner(cfg, seed=seed).to(dev)
+    meta = MetaLearner(learner, way=cfg.way, inner_lr=cfg.inner_lr, replay_steps=cfg.replay_steps,
+                       meta_batch=cfg.meta_batch, outer_lr=cfg.outer_lr,
+                       second_order=cfg.second_order, device=dev)
+    sampler = EpisodeSampler(dataset_split, way=cfg.way, shot=shot or cfg.replay_shot,
+                             query=cfg.replay_query, seed=cfg.seed if seed is None else seed)
+    for it in range(iterations):
+        eps = [(to_float(e.support_x), e.support_y, to_float(e.query_x), e.query_y)
+               for e in sampler.take(cfg.meta_batch)]
+        loss, acc = meta.maml_step(eps)
+        if on_metrics is not None:
+            on_metrics({"iteration": it + 1, "loss": loss, "acc": acc})
+    return learner

@@ -1,0 +1,171 @@
+"""The meta-learner and its two training signals: BELL (implicit gradient alignment) and MAML replay.
+
+* :func:`build_learner`: Conv4 (or any :mod:`free_dfml.common.models` architecture) with a ``way``-way
+  head, wrapped in :class:`~free_dfml.common.models.Normalized`; takes [0, 1] images.
+* :meth:`MetaLearner.bell`: ``theta' <- theta``; for each teacher in sequence, one optimiser step
+  on ``theta'`` minimising ``KL(softmax f_t(X_t) || softmax s_theta'(X_t))`` (the teacher's local
+  label order, restricted to at most ``way`` of its classes); then ``theta <- theta + beta *
+  (theta' - theta)``, written straight into the parameters (no optimiser, no scale factor).
+* :meth:`MetaLearner.replay`: MAML on episodes from the memory bank: ``replay_steps`` SGD steps
+  (``inner_lr``) on the support set, CE on the query set, ``meta_batch`` episodes summed, Adam
+  step; repeated until the meta-batch training accuracy has not improved for ``patience``
+  meta-batches or ``max_batches`` is reached.
+
+The learner always runs with batch statistics (transductive BatchNorm, as MAML and the evaluation
+protocol do) through ``functional_call`` with cloned buffers, so its running statistics never drift.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from free_dfml.common.adaptation import adapt, buffers_of, forward, parameters_of
+from free_dfml.common.models import Normalized, build_model
+from free_dfml.server.memory_bank import MemoryBank
+from free_dfml.server.meta_generator import AdamState, Teacher, adam_update, kl_per_sample, restrict
+
+Episode = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]   # sx, sy, qx, qy (float x)
+
+
+def build_learner(way: int, *, arch: str = "conv4", width: int = 64, norm: str = "bn",
+                  image_size: int = 32, channels: int = 3,
+                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                  rng: torch.Generator | None = None) -> Normalized:
+    """A fresh ``way``-way learner; its initialisation is drawn from ``rng`` when given."""
+    mean = tuple(mean) if mean is not None else (0.5,) * channels
+    std = tuple(std) if std is not None else (0.25,) * channels
+
+    def make() -> Normalized:
+        net = build_model(arch, num_classes=way, in_channels=channels, image_size=image_size,
+                          width=width, norm=norm)
+        return Normalized(net, mean, std)
+
+    if rng is None:
+        model = make()
+    else:
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=rng))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = make()
+    model.train()
+    return model
+
+
+def zoo_normalisation(metas: Sequence, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """Mean over the teachers (with ``channels`` input channels) of their mean and std; None if none."""
+    ms = [m for m in metas if m.input_shape[0] == channels]
+    if not ms:
+        return None
+    mean = torch.tensor([m.mean for m in ms], dtype=torch.float64).mean(0)
+    std = torch.tensor([m.std for m in ms], dtype=torch.float64).mean(0)
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def distill_loss(teacher: Teacher, student_logits: torch.Tensor, images: torch.Tensor,
+                 labels: torch.Tensor, subset: Sequence[int] | None,
+                 teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean KL(softmax f_t || softmax s) over the samples whose class is in ``subset``."""
+    if teacher_logits is None:
+        with torch.no_grad():
+            teacher_logits = teacher.logits(images)
+    t, s, _ = restrict(teacher_logits, student_logits, labels, subset)
+    if t.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    return kl_per_sample(t, s).mean()
+
+
+class MetaLearner:
+    def __init__(self, model: nn.Module, *, way: int = 5, inner_lr: float = 0.01,
+                 replay_steps: int = 5, meta_batch: int = 10, replay_shot: int = 1,
+                 replay_query: int = 15, outer_lr: float = 1e-3, second_order: bool = False,
+                 patience: int = 10, max_batches: int = 100, bell_lr: float = 1e-3,
+                 bell_optimizer: str = "adam", beta: float = 0.5,
+                 device: torch.device | str = "cpu"):
+        if bell_optimizer not in ("adam", "sgd"):
+            raise ValueError("bell_optimizer must be 'adam' or 'sgd'")
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.model.train()
+        self.way, self.inner_lr, self.replay_steps, self.meta_batch = way, inner_lr, replay_steps, meta_batch
+        self.replay_shot, self.replay_query = replay_shot, replay_query
+        self.second_order, self.patience, self.max_batches = second_order, patience, max_batches
+        self.bell_lr, self.bell_optimizer, self.beta = bell_lr, bell_optimizer, beta
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=outer_lr)
+
+    # ---------------------------------------------------------------------------------- student
+    def student(self):
+        """The current learner as a frozen function x -> logits (for L_adv)."""
+        params = {k: v.detach() for k, v in self.model.named_parameters()}
+        buffers = buffers_of(self.model)
+        return lambda x: forward(self.model, params, x, buffers)
+
+    # ------------------------------------------------------------------------------------- BELL
+    def bell(self, items: Sequence[tuple[Teacher, torch.Tensor, torch.Tensor, Sequence[int] | None]]
+             ) -> dict[str, float]:
+        """Sequential distillation over ``items`` = (teacher, images, labels, subset), then the
+        Reptile-style interpolation ``theta += beta * (theta' - theta)``. Returns mean KL before/after."""
+        fast = parameters_of(self.model, detach=True)
+        buffers = buffers_of(self.model)
+        state = AdamState()
+        losses = []
+        for teacher, x, y, subset in items:
+            x, y = x.to(self.device), y.to(self.device)
+            with torch.enable_grad():
+                loss = distill_loss(teacher, forward(self.model, fast, x, buffers), x, y, subset)
+                grads = dict(zip(fast, torch.autograd.grad(loss, list(fast.values()))))
+            losses.append(float(loss))
+            if self.bell_optimizer == "adam":
+                fast = adam_update(fast, grads, state, lr=self.bell_lr)
+            else:
+                fast = {k: (v.detach() - self.bell_lr * grads[k]).requires_grad_(True)
+                        for k, v in fast.items()}
+        with torch.no_grad():
+            for k, p in self.model.named_parameters():
+                p.add_(fast[k].detach() - p, alpha=self.beta)
+        return {"bell_kl": sum(losses) / max(1, len(losses))}
+
+    # ------------------------------------------------------------------------------------- MAML
+    def maml_step(self, episodes: Sequence[Episode]) -> tuple[float, float]:
+        """One outer Adam step on the summed query losses of ``episodes``; returns (mean loss, mean acc)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        tot_loss, tot_acc = 0.0, 0.0
+        for sx, sy, qx, qy in episodes:
+            sx, sy, qx, qy = (t.to(self.device) for t in (sx, sy, qx, qy))
+            buffers = buffers_of(self.model)
+            with torch.enable_grad():
+                fast = adapt(self.model, sx, sy, steps=self.replay_steps, lr=self.inner_lr,
+                             buffers=buffers, second_order=self.second_order)
+                logits = forward(self.model, fast, qx, buffers)
+                loss = F.cross_entropy(logits, qy)
+                loss.backward()    # per episode: gradients add up (summed meta-batch), graphs freed
+            tot_loss += float(loss)
+            tot_acc += float((logits.argmax(1) == qy).float().mean())
+        self.optimizer.step()
+        n = max(1, len(episodes))
+        return tot_loss / n, tot_acc / n
+
+    def replay(self, bank: MemoryBank, rng: torch.Generator, *, max_batches: int | None = None
+               ) -> dict[str, float]:
+        """MAML meta-batches from the bank until accuracy stalls for ``patience`` batches (or the cap)."""
+        cap = self.max_batches if max_batches is None else max_batches
+        if cap <= 0 or not bank.can_sample(self.way, self.replay_shot, self.replay_query):
+            return {"replay_batches": 0}
+        best, since, n, loss, acc = -1.0, 0, 0, float("nan"), float("nan")
+        while n < cap:
+            eps = []
+            for _ in range(self.meta_batch):
+                e = bank.sample_episode(self.way, self.replay_shot, self.replay_query, rng)
+                eps.append((e.support_x, e.support_y, e.query_x, e.query_y))
+            loss, acc = self.maml_step(eps)
+            n += 1
+            if acc > best:
+                best, since = acc, 0
+            else:
+                since += 1
+                if since >= self.patience:
+                    break
+        return {"replay_batches": n, "replay_loss": loss, "replay_acc": acc, "replay_best_acc": best}
