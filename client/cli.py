@@ -1,0 +1,284 @@
+"""``free-client``: train a classifier on private classes, inspect a package, submit it to a FREE server.
+
+    free-client train   --data glyphs|DIR|cifar-fs:PATH --classes 0-4 --arch conv4|resnet10|resnet18 --out FILE
+                        [--dp-epsilon E --dp-delta D --max-grad-norm C] [--epochs N] [--seed S] ...
+    free-client inspect FILE [--json]
+    free-client submit  --model FILE --server HOST:PORT [--root-cert CA] [--insecure] [--timeout S]
+
+Only the model package (weights + metadata) ever leaves the machine. ``submit`` validates the
+package, starts a ``flower-supernode`` whose ClientApp answers the server's query with it, waits
+for the server's acknowledgement, stops the SuperNode and its ``flower-superexec`` children, and
+prints the model id (exit 0), or the server's reason for a rejection (exit 3), or a timeout
+(exit 4). Every bad input gives a one-line error and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from free_dfml.server.cli import (CliError, descendants, is_loopback, parse_address, pid_alive, run_cli,
+                                  terminate)
+
+EXIT_REJECTED = 3
+EXIT_TIMEOUT = 4
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train a private classifier and publish only its weights + metadata to a FREE server.")
+
+
+def parse_classes(spec: str) -> list[int]:
+    """``0-4``, ``0,1,2`` or ``0-2,7``: class indices of the data set's train split."""
+    out: list[int] = []
+    for part in spec.replace(" ", "").split(","):
+        if not part:
+            continue
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise CliError(f"--classes must look like 0-4 or 0,1,2 (got {spec!r})")
+        a, b = int(m.group(1)), int(m.group(2) or m.group(1))
+        if b < a:
+            raise CliError(f"--classes range {part} is empty")
+        out.extend(range(a, b + 1))
+    if len(out) < 2:
+        raise CliError("--classes needs at least 2 classes")
+    if len(set(out)) != len(out):
+        raise CliError(f"--classes repeats a class: {spec}")
+    return out
+
+
+@app.command()
+def train(
+    data: str = typer.Option(..., "--data", help="glyphs | DIR | folder:DIR | cifar-fs:PATH"),
+    classes: str = typer.Option(..., "--classes", help="class indices of the train split, e.g. 0-4 or 0,3,7"),
+    arch: str = typer.Option("conv4", "--arch", help="conv4 | resnet10 | resnet18"),
+    out: Path = typer.Option(..., "--out", help="the model package to write (.safetensors)"),
+    epochs: int = typer.Option(30, "--epochs", min=1),
+    lr: float = typer.Option(0.01, "--lr"),
+    batch_size: int = typer.Option(32, "--batch-size", min=2),
+    width: Optional[int] = typer.Option(None, "--width", help="channel width (architecture default: 64)"),
+    image_size: int = typer.Option(32, "--image-size", min=28),
+    images_per_class: Optional[int] = typer.Option(None, "--images-per-class", min=1),
+    seed: int = typer.Option(0, "--seed"),
+    dp_epsilon: Optional[float] = typer.Option(None, "--dp-epsilon", help="train with DP-SGD to this epsilon"),
+    dp_delta: Optional[float] = typer.Option(None, "--dp-delta", help="DP delta (default: 1/(10 N))"),
+    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="DP per-sample gradient clipping norm"),
+    share_labels: bool = typer.Option(False, "--share-labels", help="put the class names in the metadata"),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Train a classifier on your own classes and write it as a model package."""
+    from free_dfml.client.train import TrainConfig, train_client
+    from free_dfml.common.datasets import DataError, open_dataset
+    from free_dfml.common.models import ARCHITECTURES
+    from free_dfml.common.package import PackageError, save_package
+
+    if arch not in ARCHITECTURES:
+        raise CliError(f"--arch must be one of {', '.join(ARCHITECTURES)}, got {arch!r}")
+    if dp_epsilon is not None and not dp_epsilon > 0:
+        raise CliError("--dp-epsilon must be > 0")
+    if dp_delta is not None and not 0 < dp_delta < 1:
+        raise CliError("--dp-delta must be in (0, 1)")
+    if dp_delta is not None and dp_epsilon is None:
+        raise CliError("--dp-delta needs --dp-epsilon")
+    if not max_grad_norm > 0:
+        raise CliError("--max-grad-norm must be > 0")
+    if out.exists() and out.is_dir():
+        raise CliError(f"--out is a folder: {out}")
+    if not out.parent.exists():
+        raise CliError(f"folder of --out does not exist: {out.parent}")
+    class_list = parse_classes(classes)
+    try:
+        ds = open_dataset(data, image_size=image_size, seed=seed, images_per_class=images_per_class)
+        ds.subset("train", class_list)
+    except DataError as e:
+        raise CliError(str(e)) from None
+    kw = {"width": width} if width is not None else {}
+    cfg = TrainConfig(arch=arch, arch_kwargs=kw, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                      device=device, share_labels=share_labels, dp_epsilon=dp_epsilon, dp_delta=dp_delta,
+                      max_grad_norm=max_grad_norm)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    with Progress(TextColumn("training {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task(arch, total=epochs, loss="-")
+
+        def on_epoch(epoch: int, loss: float) -> None:
+            bar.update(task, completed=epoch + 1, loss=f"{loss:.3f}")
+
+        try:
+            pkg, report = train_client(ds, class_list, cfg, on_epoch=on_epoch)
+        except (DataError, ValueError) as e:
+            raise CliError(str(e).splitlines()[0]) from None
+    try:
+        model_id = save_package(pkg, out)
+    except (PackageError, OSError) as e:
+        raise CliError(f"cannot write {out}: {e}") from None
+    dp = pkg.meta.dp
+    dp_txt = (f", DP epsilon={dp['epsilon']:.3g} delta={dp['delta']:.2g} noise={dp.get('noise_multiplier', 0):.3g}"
+              if dp else "")
+    print(f"wrote {out}: {arch}, {len(class_list)} classes, holdout accuracy "
+          f"{report.get('holdout_accuracy', float('nan')):.3f}{dp_txt}, id {model_id[:16]}")
+
+
+@app.command()
+def inspect(file: Path = typer.Argument(..., help="a model package (.safetensors)"),
+            as_json: bool = typer.Option(False, "--json", help="print metadata + verdict as JSON")) -> None:
+    """Show a package's metadata and whether it is valid (exit 1 if it is not)."""
+    from free_dfml.common.package import PackageError, load_package
+    try:
+        pkg = load_package(file)
+    except PackageError as e:
+        if as_json:
+            print(json.dumps({"file": str(file), "valid": False, "reason": str(e)}))
+        raise CliError(f"invalid package {file}: {e}", 1) from None
+    meta = json.loads(pkg.meta.to_json())
+    n_params = sum(t.numel() for t in pkg.state.values())
+    if as_json:
+        print(json.dumps({"file": str(file), "valid": True, "model_id": pkg.model_id, "parameters": n_params,
+                          "meta": meta}, indent=2, sort_keys=True))
+        return
+    print(f"file        {file}")
+    print(f"model id    {pkg.model_id}")
+    print(f"arch        {meta['arch']} {meta['arch_kwargs']}  ({n_params} parameters)")
+    print(f"classes     {meta['num_classes']}" + (f"  {meta['class_labels']}" if meta.get("class_labels") else ""))
+    print(f"input       {meta['input_shape']}  mean {meta['mean']}  std {meta['std']}")
+    if meta.get("dp"):
+        print("dp          " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(meta["dp"].items())))
+    else:
+        print("dp          none")
+    if meta.get("training"):
+        print(f"training    {json.dumps(meta['training'], sort_keys=True)}")
+    print("verdict     valid")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _toml_str(s: str) -> str:
+    return json.dumps(s)   # a JSON string is a valid TOML basic string
+
+
+@app.command()
+def submit(
+    model: Path = typer.Option(..., "--model", help="the model package to publish"),
+    server: str = typer.Option(..., "--server", help="the FREE server's HOST:PORT"),
+    root_cert: Optional[Path] = typer.Option(None, "--root-cert", help="CA certificate (PEM) to verify the server (TLS)"),
+    insecure: bool = typer.Option(False, "--insecure", help="connect without TLS to a non-loopback server"),
+    timeout: float = typer.Option(120.0, "--timeout", help="seconds to wait for the server's answer"),
+    auth_key: Optional[Path] = typer.Option(None, "--auth-key", help="SuperNode private key (node authentication)"),
+    no_verify: bool = typer.Option(False, "--no-verify",
+                                   help="skip local validation and send the file as it is (to test a server's checks)"),
+    keep_logs: Optional[Path] = typer.Option(None, "--log", help="write the SuperNode's log to this file"),
+) -> None:
+    """Publish a model package to a FREE server; prints the model id it was stored under."""
+    from free_dfml.common.package import PackageError, load_package
+    if timeout <= 0:
+        raise CliError("--timeout must be > 0")
+    host, port = parse_address(server)
+    if root_cert is not None and not root_cert.is_file():
+        raise CliError(f"no such file: {root_cert}")
+    if root_cert is not None and insecure:
+        raise CliError("--insecure conflicts with --root-cert")
+    if root_cert is None and not insecure and not is_loopback(host):
+        raise CliError(f"refusing to send to {host} without TLS: give --root-cert (or --insecure)")
+    if auth_key is not None and not auth_key.is_file():
+        raise CliError(f"no such file: {auth_key}")
+    if not no_verify:
+        try:
+            pkg = load_package(model)
+        except PackageError as e:
+            raise CliError(f"invalid package {model}: {e}", 1) from None
+        local_id = pkg.model_id
+    else:
+        if not model.is_file():
+            raise CliError(f"no such file: {model}")
+        local_id = None
+    with tempfile.TemporaryDirectory(prefix="free-client-") as tmp:
+        ack = Path(tmp) / "ack.json"
+        node_config = " ".join([f"model-path={_toml_str(str(model.resolve()))}",
+                                f"ack-path={_toml_str(str(ack))}",
+                                f"verify={'false' if no_verify else 'true'}"])
+        cmd = [_exe("flower-supernode"), "--superlink", f"{host}:{port}", "--node-config", node_config,
+               "--port", str(_free_port())]
+        cmd += ["--root-certificates", str(root_cert.resolve())] if root_cert is not None else ["--insecure"]
+        if auth_key is not None:
+            cmd += ["--auth-supernode-private-key", str(auth_key.resolve())]
+        log_path = keep_logs if keep_logs is not None else Path(tmp) / "supernode.log"
+        log = open(log_path, "ab")
+        env = dict(os.environ)
+        env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+        env["FLWR_HOME"] = str(Path(tmp) / "flwr-home")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                cwd=tmp)
+        result = None
+        try:
+            end = time.time() + timeout
+            while time.time() < end:
+                if ack.exists():
+                    try:
+                        result = json.loads(ack.read_text())
+                        break
+                    except json.JSONDecodeError:
+                        pass
+                if proc.poll() is not None:
+                    tail = _last_error(log_path)
+                    raise CliError(f"flower-supernode exited with code {proc.returncode}"
+                                   + (f": {tail}" if tail else ""), 1)
+                time.sleep(0.2)
+        finally:
+            kids = descendants(proc.pid)
+            left = terminate([proc.pid] + kids, timeout=15)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+            left = [p for p in left + kids if pid_alive(p)]
+            log.close()
+            if left:
+                print(f"free-client: warning: SuperNode processes still alive: {left}", file=sys.stderr)
+    if result is None:
+        raise CliError(f"no answer from the server at {host}:{port} within {timeout:.0f} s "
+                       "(is it running and reachable? is the address/certificate right?)", EXIT_TIMEOUT)
+    if not result.get("accepted"):
+        raise CliError(f"rejected by the server: {result.get('reason') or 'no reason given'}", EXIT_REJECTED)
+    mid = result.get("model-id", "")
+    if local_id is not None and mid != local_id:
+        raise CliError(f"server stored id {mid} but the package's id is {local_id}", 1)
+    note = "new in the zoo" if result.get("new") else "already in the zoo"
+    print(f"free-client: accepted ({note})", file=sys.stderr)
+    print(mid)
+
+
+def _last_error(path: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    errs = [ln for ln in lines if "ERROR" in ln or "Error" in ln]
+    line = (errs or lines or [""])[-1]
+    return re.sub(r"\x1b\[[0-9;]*m", "", line)[:300]
+
+
+def _exe(name: str) -> str:
+    p = Path(sys.executable).parent / name
+    return str(p) if p.exists() else name
+
+
+def main() -> None:
+    sys.exit(run_cli(app, "free-client"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,634 @@
+"""``free-server``: run a FREE server (a Flower SuperLink + the FREE ServerApp) on a state folder.
+
+    free-server start    [--state DIR] [--address HOST:PORT] [--tls-cert F --tls-key F --tls-ca F]
+                         [--insecure] [--config FILE] [--device auto|cpu|cuda] [--preset P]
+                         [--max-iterations N] [--checkpoint-every N] [--min-models N] [--detach]
+    free-server status   [--state DIR] [--json]
+    free-server stop     [--state DIR] [--timeout S]
+    free-server evaluate [--state DIR] --data glyphs|DIR|cifar-fs:PATH [--way 5] [--shot 1] [--episodes N]
+    free-server export   [--state DIR] --out FILE
+
+``start`` runs in the foreground (``--detach``: in the background, returning once the server is
+up): it starts ``flower-superlink`` with its database in the state folder, submits the FREE
+ServerApp with ``flwr run`` (FLWR_HOME inside the state folder), and supervises both until
+SIGTERM/SIGINT (``free-server stop``), when the ServerApp checkpoints and everything is stopped.
+Starting again on the same folder resumes: the zoo is kept and training continues from the
+last checkpoint. Bad input gives a one-line error and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from free_dfml.server.state import StateDir, atomic_write_json, pid_alive, read_json
+
+DEFAULT_STATE = "free-server-state"
+DEFAULT_ADDRESS = "127.0.0.1:9092"
+APP_NAME = "free-dfml-server"
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit code 2 (1 for runtime failures)."""
+
+    def __init__(self, msg: str, code: int = 2):
+        super().__init__(msg)
+        self.code = code
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Run a federated FREE server: collect client models into a zoo and meta-learn from it.")
+
+STATE_OPT = typer.Option(DEFAULT_STATE, "--state", help="state folder (zoo, checkpoints, SuperLink database, logs)")
+
+
+# ------------------------------------------------------------------------------ helpers
+
+def parse_address(address: str) -> tuple[str, int]:
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\s]+):(\d+)", address.strip())
+    if not m:
+        raise CliError(f"address must be HOST:PORT, got {address!r}")
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 1 <= port <= 65535:
+        raise CliError(f"port must be in 1..65535, got {port}")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _venv_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if extra:
+        env.update(extra)
+    return env
+
+
+def _exe(name: str) -> str:
+    p = Path(sys.executable).parent / name
+    return str(p) if p.exists() else name
+
+
+def _ppid_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    return children
+
+
+def descendants(pid: int) -> list[int]:
+    """All live descendants of ``pid`` (Flower's superexec runs in its own session: ppid is what links them)."""
+    cmap, out, todo = _ppid_map(), [], [pid]
+    while todo:
+        for c in cmap.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def terminate(pids: list[int], timeout: float = 15.0) -> list[int]:
+    """SIGTERM ``pids``, wait, SIGKILL what is left; returns the pids still alive (should be none)."""
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    end = time.time() + timeout
+    while time.time() < end and any(pid_alive(p) for p in pids):
+        time.sleep(0.2)
+    for p in pids:
+        if pid_alive(p):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    time.sleep(0.2)
+    return [p for p in pids if pid_alive(p)]
+
+
+def wait_port(host: str, port: int, proc: subprocess.Popen | None, timeout: float) -> None:
+    end = time.time() + timeout
+    h = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+    while time.time() < end:
+        if proc is not None and proc.poll() is not None:
+            raise CliError(f"flower-superlink exited with code {proc.returncode} (see the log)", 1)
+        try:
+            with socket.create_connection((h, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise CliError(f"flower-superlink did not open {host}:{port} within {timeout:.0f} s", 1)
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """A TOML or JSON file: server settings (dashes or underscores) + a [free] table of FreeConfig overrides."""
+    if not path.is_file():
+        raise CliError(f"no such config file: {path}")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        if path.suffix == ".json":
+            doc = json.loads(text)
+        else:
+            import tomllib
+            doc = tomllib.loads(text)
+    except Exception as e:  # noqa: BLE001
+        raise CliError(f"config file {path} cannot be parsed: {str(e).splitlines()[0]}") from None
+    if not isinstance(doc, dict):
+        raise CliError(f"config file {path} must hold a table/object")
+    return doc
+
+
+def settings_from(state: StateDir, config: dict[str, Any], **cli: Any):
+    from free_dfml.server.server_app import ServerSettings
+    from dataclasses import fields
+    names = {f.name for f in fields(ServerSettings)}
+    kw: dict[str, Any] = {}
+    free = dict(config.get("free") or {})
+    for k, v in config.items():
+        if k == "free":
+            continue
+        key = k.replace("-", "_")
+        if key not in names or key in ("state_dir", "supervisor_pid"):
+            raise CliError(f"unknown setting {k!r} in the config file")
+        kw[key] = v
+    if "free_config" in kw:
+        free = {**dict(kw.pop("free_config")), **free}
+    for k, v in cli.items():
+        if v is not None:
+            kw[k] = v
+    try:
+        s = ServerSettings(state_dir=str(state.root), free_config=free, **kw)
+    except TypeError as e:
+        raise CliError(f"bad settings: {e}") from None
+    # validate the FREE config early (the preset name and the overrides)
+    try:
+        from free_dfml.server.trainer import FreeConfig
+        FreeConfig.preset(s.preset, **s.free_config).validate()
+    except ImportError:
+        pass
+    except (TypeError, ValueError, KeyError) as e:
+        raise CliError(f"bad FREE config: {e}") from None
+    return s
+
+
+def write_app(state: StateDir, settings) -> None:
+    import tomli_w
+    doc = {
+        "build-system": {"requires": ["setuptools>=68"], "build-backend": "setuptools.build_meta"},
+        "project": {"name": APP_NAME, "version": "1.0.0", "description": "FREE server app (generated)",
+                    "license": "Apache-2.0", "dependencies": []},
+        "tool": {"flwr": {"app": {
+            "publisher": "free-dfml",
+            "components": {"serverapp": "free_dfml.server.server_app:app",
+                           "clientapp": "free_dfml.client.client_app:app"},
+            "config": settings.to_run_config()}}},
+    }
+    state.app_dir.mkdir(parents=True, exist_ok=True)
+    (state.app_dir / "pyproject.toml").write_text(tomli_w.dumps(doc))
+    readme = state.app_dir / "README.md"
+    readme.write_text("Generated by `free-server start`; rewritten on every start.\n")
+
+
+def write_flwr_home(state: StateDir, control: str, ca: Path | None) -> None:
+    lines = ["[superlink]", 'default = "free-server"', "", "[superlink.free-server]", f'address = "{control}"']
+    if ca is not None:
+        lines.append(f'root-certificates = "{ca}"')
+    else:
+        lines.append("insecure = true")
+    state.flwr_home.mkdir(parents=True, exist_ok=True)
+    (state.flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def cleanup_stale(state: StateDir) -> None:
+    """Processes a crashed server left behind on this folder (recorded in server.json): stop them."""
+    rec = state.read_server() or {}
+    stale = []
+    for key in ("superlink_pid", "serverapp_pid"):
+        p = rec.get(key)
+        if p and pid_alive(p) and ("flower" in _cmdline(p) or "flwr" in _cmdline(p)):
+            stale += [p] + descendants(p)
+    st = state.read_status() or {}
+    p = st.get("serverapp_pid")
+    if p and pid_alive(p) and "flwr" in _cmdline(p):
+        stale.append(p)
+    if stale:
+        terminate(sorted(set(stale)), timeout=30)
+
+
+def submit_run(state: StateDir, env: dict[str, str], timeout: float = 60) -> int:
+    cmd = [_exe("flwr"), "run", str(state.app_dir), "free-server", "--format", "json"]
+    try:
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise CliError("`flwr run` did not answer in time", 1) from None
+    out = r.stdout + r.stderr
+    m = re.search(r'"run-id"\s*:\s*"?(\d+)', out) or re.search(r"run (\d+)", out)
+    if r.returncode != 0 or not m:
+        last = [ln for ln in out.strip().splitlines() if ln.strip()][-1:] or ["no output"]
+        raise CliError(f"`flwr run` failed: {last[0].strip()}", 1)
+    return int(m.group(1))
+
+
+def _log(state: StateDir, msg: str) -> None:
+    line = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {msg}"
+    print(line, flush=True)
+    try:
+        with open(state.logs_dir / "server.log", "a") as f:
+            f.write(line + "\n")
+    except OSError:
+        pass
+
+
+# ------------------------------------------------------------------------------- commands
+
+@app.command()
+def start(
+    state_dir: Path = STATE_OPT,
+    address: str = typer.Option(DEFAULT_ADDRESS, "--address", help="HOST:PORT the SuperLink listens on"),
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="server certificate (PEM)"),
+    tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="server private key (PEM)"),
+    tls_ca: Optional[Path] = typer.Option(None, "--tls-ca", help="CA certificate (PEM) that signed --tls-cert"),
+    insecure: bool = typer.Option(False, "--insecure", help="allow a non-loopback address without TLS"),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML/JSON server settings (+ [free] table)"),
+    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda"),
+    preset: Optional[str] = typer.Option(None, "--preset", help="FREE preset: paper|quick|tiny"),
+    max_iterations: Optional[int] = typer.Option(None, "--max-iterations", help="stop training after N (0: never)"),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="checkpoint every N iterations"),
+    min_models: Optional[int] = typer.Option(None, "--min-models", help="models in the zoo before training starts"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads for training"),
+    detach: bool = typer.Option(False, "--detach", help="run in the background; return once the server is up"),
+    startup_timeout: float = typer.Option(60.0, "--startup-timeout", help="seconds to wait for the server to come up"),
+) -> None:
+    """Start the SuperLink + FREE ServerApp on a state folder (resuming what it holds)."""
+    host, port = parse_address(address)
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise CliError(f"--device must be auto, cpu or cuda, got {device!r}")
+    tls = [tls_cert, tls_key, tls_ca]
+    if any(tls) and not all(tls):
+        raise CliError("TLS needs all of --tls-cert, --tls-key and --tls-ca")
+    for p in tls:
+        if p is not None and not p.is_file():
+            raise CliError(f"no such file: {p}")
+    if all(tls) and insecure:
+        raise CliError("--insecure conflicts with the --tls-* options")
+    if not all(tls) and not is_loopback(host) and not insecure:
+        raise CliError(f"refusing to serve {host} without TLS: give --tls-cert/--tls-key/--tls-ca "
+                       "(or --insecure if you really mean it)")
+    state = StateDir(state_dir)
+    if state.root.exists() and not state.root.is_dir():
+        raise CliError(f"state path is not a folder: {state.root}")
+    running = state.running_pid() if state.exists() else None
+    if running and running != os.getpid():
+        raise CliError(f"a server is already running on {state.root} (pid {running})", 1)
+    cfg_doc = load_config_file(config) if config is not None else {}
+    if threads is not None and threads < 0:
+        raise CliError("--threads must be >= 0")
+    settings = settings_from(state, cfg_doc, device=device, preset=preset, max_iterations=max_iterations,
+                             checkpoint_every=checkpoint_every, min_models=min_models, threads=threads)
+    if detach:
+        _start_detached(state, startup_timeout)
+        return
+    state.create()
+    settings.supervisor_pid = os.getpid()
+    _serve(state, settings, host, port, [Path(p).resolve() if p else None for p in tls], startup_timeout)
+
+
+def _start_detached(state: StateDir, timeout: float) -> None:
+    state.create()
+    argv = [a for a in sys.argv[1:] if a != "--detach"]
+    log = open(state.logs_dir / "server.out", "ab")
+    started = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "free_dfml.server.cli", *argv], stdout=log, stderr=log,
+                            stdin=subprocess.DEVNULL, start_new_session=True, env=_venv_env())
+    end = started + timeout + 30
+    while time.time() < end:
+        if proc.poll() is not None:
+            tail = (state.logs_dir / "server.out").read_text(errors="replace").strip().splitlines()[-1:]
+            raise CliError(f"server exited during startup: {tail[0] if tail else proc.returncode}", 1)
+        rec = state.read_server() or {}
+        if rec.get("pid") == proc.pid and rec.get("phase") == "running":
+            print(f"FREE server running (pid {proc.pid}) on {rec.get('address')}, run {rec.get('run_id')}, "
+                  f"state {state.root}")
+            return
+        time.sleep(0.3)
+    raise CliError(f"server did not come up within {timeout:.0f} s (see {state.logs_dir / 'server.out'})", 1)
+
+
+def _serve(state: StateDir, settings, host: str, port: int, tls: list[Path | None], timeout: float) -> None:
+    stop = {"sig": None}
+
+    def on_signal(signum, _frame):
+        stop["sig"] = signum
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    cleanup_stale(state)
+    state.clear_stop()
+    state.write_pid()
+    atomic_write_json(state.config_path, settings.to_dict())
+    write_app(state, settings)
+    control_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    control = f"[{control_host}]:{port}" if ":" in control_host else f"{control_host}:{port}"
+    write_flwr_home(state, control, tls[2])
+    env = _venv_env({"FLWR_HOME": str(state.flwr_home)})
+    cmd = [_exe("flower-superlink"), "--disable-runtime-dependency-installation",
+           "--database", str(state.database), "--host", host, "--port", str(port)]
+    if all(tls):
+        cmd += ["--ssl-certfile", str(tls[0]), "--ssl-keyfile", str(tls[1]), "--ssl-ca-certfile", str(tls[2])]
+    else:
+        cmd += ["--insecure"]
+    sl_log = open(state.logs_dir / "superlink.log", "ab")
+    started = time.time()
+    record: dict[str, Any] = {"pid": os.getpid(), "address": f"{host}:{port}", "tls": bool(all(tls)),
+                              "state": str(state.root), "started_at": started, "phase": "starting"}
+    superlink = subprocess.Popen(cmd, stdout=sl_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    record["superlink_pid"] = superlink.pid
+    state.write_server(record)
+    code = 0
+    try:
+        wait_port(host, port, superlink, timeout)
+        run_id = submit_run(state, env)
+        record.update(run_id=run_id)
+        state.write_server(record)
+        # up once the ServerApp has written its status
+        end = time.time() + timeout
+        while time.time() < end and stop["sig"] is None:
+            st = state.read_status() or {}
+            if st.get("run_id") == run_id and st.get("phase") in ("collecting", "training"):
+                break
+            if superlink.poll() is not None:
+                raise CliError("flower-superlink exited during startup (see logs/superlink.log)", 1)
+            time.sleep(0.3)
+        else:
+            if stop["sig"] is None:
+                raise CliError(f"the FREE ServerApp did not start within {timeout:.0f} s "
+                               "(see logs/superlink.log and logs/serverapp.log)", 1)
+        record.update(phase="running", serverapp_pid=(state.read_status() or {}).get("serverapp_pid"))
+        state.write_server(record)
+        _log(state, f"FREE server running on {host}:{port} ({'TLS' if all(tls) else 'insecure'}), "
+                    f"run {run_id}, state {state.root}")
+        resubmits = 0
+        while stop["sig"] is None:
+            if superlink.poll() is not None:
+                _log(state, f"flower-superlink exited with code {superlink.returncode}; stopping")
+                code = 1
+                break
+            st = state.read_status() or {}
+            sp = st.get("serverapp_pid")
+            if st.get("phase") in ("stopped", "finished") and sp and not pid_alive(sp) and not state.stop_requested():
+                if resubmits >= 3:
+                    _log(state, "the ServerApp keeps exiting; stopping")
+                    code = 1
+                    break
+                resubmits += 1
+                _log(state, "the ServerApp exited; submitting it again")
+                run_id = submit_run(state, env)
+                record.update(run_id=run_id)
+                state.write_server(record)
+                time.sleep(3)
+            time.sleep(0.5)
+    except CliError as e:
+        _log(state, f"error: {e}")
+        code = e.code
+    finally:
+        _log(state, "stopping: asking the ServerApp to checkpoint")
+        record.update(phase="stopping")
+        state.write_server(record)
+        state.request_stop()
+        end = time.time() + 180
+        while time.time() < end and superlink.poll() is None:
+            st = state.read_status() or {}
+            sp = st.get("serverapp_pid")
+            if st.get("phase") in ("stopped", "finished") or (sp and not pid_alive(sp)) or not sp:
+                break
+            time.sleep(0.3)
+        kids = descendants(superlink.pid)
+        left = terminate([superlink.pid] + kids, timeout=20)
+        try:
+            superlink.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        state.clear_stop()
+        record.update(phase="stopped", stopped_at=time.time(), leftover_pids=left)
+        state.write_server(record)
+        try:
+            if state.read_pid() == os.getpid():
+                state.pid_path.unlink()
+        except FileNotFoundError:
+            pass
+        _log(state, "FREE server stopped" + (f" (processes still alive: {left})" if left else ""))
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+def status(state_dir: Path = STATE_OPT,
+           as_json: bool = typer.Option(False, "--json", help="print the status as JSON")) -> None:
+    """Models accepted/rejected, training progress, last evaluation, uptime."""
+    state = _existing_state(state_dir)
+    st = state.read_status() or {}
+    rec = state.read_server() or {}
+    pid = state.running_pid()
+    doc = {**st, "running": bool(pid), "server": rec}
+    if as_json:
+        print(json.dumps(doc, indent=2, sort_keys=True, default=str))
+        return
+    models = st.get("models", {})
+    tr = st.get("training", {})
+    print(f"state      {state.root}")
+    print(f"server     {'running (pid %d) on %s%s' % (pid, rec.get('address'), ' TLS' if rec.get('tls') else '') if pid else 'not running'}")
+    if st:
+        print(f"phase      {st.get('phase')}   uptime {st.get('uptime_s', 0):.0f} s   run {st.get('run_id')}")
+        print(f"models     {models.get('accepted', 0)} accepted, {models.get('rejected', 0)} rejected, "
+              f"{models.get('resubmissions', 0)} resubmitted, {models.get('in_zoo', 0)} in the zoo")
+        for a in st.get("accepted", []):
+            dp = f"  DP epsilon={a['dp_epsilon']:.3g}" if a.get("dp_epsilon") is not None else ""
+            print(f"  + {a['id'][:16]}  {a.get('arch')}  {a.get('num_classes')} classes{dp}")
+        for r in st.get("rejected", [])[-10:]:
+            print(f"  - rejected: {r.get('reason')}")
+        it = tr.get("iteration", 0)
+        print(f"training   iteration {it}" + (" (running)" if tr.get("running") else "") +
+              (f"  error: {tr['error']}" if tr.get("error") else ""))
+        ck = tr.get("last_checkpoint")
+        if ck:
+            print(f"checkpoint iteration {ck.get('iteration')}")
+        ev = st.get("last_evaluation")
+        if ev:
+            print(f"evaluation {json.dumps({k: v for k, v in ev.items() if k != 'time'}, default=str)}")
+    else:
+        print("no status yet")
+
+
+@app.command()
+def stop(state_dir: Path = STATE_OPT,
+         timeout: float = typer.Option(200.0, "--timeout", help="seconds to wait for a clean stop")) -> None:
+    """Stop the server running on the state folder (it checkpoints first)."""
+    state = _existing_state(state_dir)
+    pid = state.running_pid()
+    if not pid:
+        print(f"no server is running on {state.root}")
+        return
+    os.kill(pid, signal.SIGTERM)
+    end = time.time() + timeout
+    while time.time() < end and pid_alive(pid):
+        time.sleep(0.3)
+    if pid_alive(pid):
+        raise CliError(f"server (pid {pid}) did not stop within {timeout:.0f} s", 1)
+    st = state.read_status() or {}
+    print(f"FREE server stopped: {st.get('models', {}).get('in_zoo', 0)} model(s) in the zoo, "
+          f"training iteration {st.get('training', {}).get('iteration', 0)}")
+
+
+def _existing_state(state_dir: Path) -> StateDir:
+    state = StateDir(state_dir)
+    if not state.root.is_dir():
+        raise CliError(f"no state folder at {state.root}")
+    return state
+
+
+def load_trainer(state: StateDir, device: str = "auto"):
+    from free_dfml.server.checkpoint import CheckpointError, load_checkpoint
+    from free_dfml.server.trainer import CHECKPOINT_NAME, FreeConfig, FreeTrainer
+    from free_dfml.server.zoo import Zoo
+    path = state.checkpoint_dir / CHECKPOINT_NAME
+    if not path.is_file():
+        raise CliError(f"no training checkpoint in {state.root} yet (the server saves one every "
+                       "checkpoint-every iterations and on stop)", 1)
+    try:
+        _, meta = load_checkpoint(path)
+        cfg = FreeConfig.from_dict(meta["config"])
+        trainer = FreeTrainer(Zoo(state.zoo_dir), cfg, state_dir=state.checkpoint_dir, device=device)
+        trainer.resume()
+    except (CheckpointError, KeyError, ValueError) as e:
+        raise CliError(f"cannot load the checkpoint: {e}", 1) from None
+    return trainer
+
+
+@app.command()
+def evaluate(
+    state_dir: Path = STATE_OPT,
+    data: str = typer.Option(..., "--data", help="glyphs | DIR | cifar-fs:PATH (its test split is used)"),
+    way: int = typer.Option(5, "--way", min=2),
+    shot: int = typer.Option(1, "--shot", min=1),
+    episodes: int = typer.Option(200, "--episodes", min=1),
+    split: str = typer.Option("test", "--split", help="train|val|test"),
+    device: str = typer.Option("auto", "--device"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Few-shot evaluation of the current meta-learner (from the last checkpoint)."""
+    if split not in ("train", "val", "test"):
+        raise CliError(f"--split must be train, val or test, got {split!r}")
+    state = _existing_state(state_dir)
+    trainer = load_trainer(state, device)
+    cfg = trainer.cfg
+    if way != cfg.way:
+        raise CliError(f"the meta-learner is {cfg.way}-way; --way {way} does not match")
+    from free_dfml.common.datasets import DataError, open_dataset
+    from free_dfml.common.evaluation import evaluate as run_eval
+    try:
+        ds = open_dataset(data, image_size=cfg.image_size, seed=seed)
+        split_data = ds.split(split)
+    except DataError as e:
+        raise CliError(str(e)) from None
+    if tuple(ds.image_shape) != (cfg.channels, cfg.image_size, cfg.image_size):
+        raise CliError(f"data is {list(ds.image_shape)} but the meta-learner takes "
+                       f"{[cfg.channels, cfg.image_size, cfg.image_size]}")
+    try:
+        res = run_eval(trainer.learner, split_data, way=way, shot=shot, episodes=episodes, steps=cfg.eval_steps,
+                       lr=cfg.inner_lr, seed=seed, device=trainer.device, progress="evaluating")
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    doc = {"time": time.time(), "iteration": trainer.iteration, "data": data, "split": split,
+           f"eval_{shot}shot": res.mean, f"eval_{shot}shot_ci95": res.ci95, "way": way, "shot": shot,
+           "episodes": episodes}
+    atomic_write_json(state.root / "last_evaluation.json", doc)
+    print(f"FREE meta-learner (iteration {trainer.iteration}), {way}-way {shot}-shot on {data} {split}: {res} "
+          f"({episodes} episodes)")
+
+
+@app.command()
+def export(state_dir: Path = STATE_OPT,
+           out: Path = typer.Option(..., "--out", help="where to write the meta-learner package (.safetensors)"),
+           device: str = typer.Option("cpu", "--device")) -> None:
+    """Write the meta-learner as a model package (adaptation settings in its metadata)."""
+    state = _existing_state(state_dir)
+    if out.exists() and out.is_dir():
+        raise CliError(f"--out is a folder: {out}")
+    trainer = load_trainer(state, device)
+    from free_dfml.common.package import save_package
+    pkg = trainer.export()
+    model_id = save_package(pkg, out)
+    t = pkg.meta.training
+    print(f"exported the meta-learner (iteration {trainer.iteration}, {t.get('way')}-way, adapt "
+          f"{t.get('adapt_steps')} steps at lr {t.get('inner_lr')}) to {out}  id {model_id[:16]}")
+
+
+def run_cli(typer_app: typer.Typer, prog: str, argv: list[str] | None = None) -> int:
+    """Run a typer app with one-line errors (no tracebacks, no usage boxes)."""
+    import click
+    cmd = typer.main.get_command(typer_app)
+    try:
+        rv = cmd.main(args=argv if argv is not None else sys.argv[1:], prog_name=prog, standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except CliError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return e.code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        print(f"{prog}: aborted", file=sys.stderr)
+        return 130
+    except click.ClickException as e:
+        msg = e.format_message().replace("\n", " ").strip()
+        print(f"{prog}: error: {msg} (see {prog} --help)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - never a traceback for the user
+        first = str(e).splitlines()[0] if str(e) else ""
+        print(f"{prog}: error: {type(e).__name__}: {first}", file=sys.stderr)
+        return 1
+
+
+def main() -> None:
+    sys.exit(run_cli(app, "free-server"))
+
+
+if __name__ == "__main__":
+    main()
