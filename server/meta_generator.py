@@ -141,16 +141,16 @@ def inversion_loss(teacher: Teacher, x: torch.Tensor, y: torch.Tensor, *, lambda
     t_logits = teacher.logits(x)
     ce = F.cross_entropy(t_logits, y)
     loss = ce
-    parts = {"ce": float(ce)}
+    parts = {"ce": float(ce.detach())}
     if bn_hook is not None:
         bn = bn_hook.pop()
         if bn is not None and lambda_bn > 0:
             loss = loss + lambda_bn * bn
-            parts["bn"] = float(bn)
+            parts["bn"] = float(bn.detach())
     if lambda_adv > 0 and student is not None:
         adv = adversarial_loss(t_logits, student(x), y, subset)
         loss = loss + lambda_adv * adv
-        parts["adv"] = float(adv)
+        parts["adv"] = float(adv.detach())
     return loss, parts
 
 

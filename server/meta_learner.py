@@ -117,7 +117,7 @@ class MetaLearner:
             with torch.enable_grad():
                 loss = distill_loss(teacher, forward(self.model, fast, x, buffers), x, y, subset)
                 grads = dict(zip(fast, torch.autograd.grad(loss, list(fast.values()))))
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if self.bell_optimizer == "adam":
                 fast = adam_update(fast, grads, state, lr=self.bell_lr)
             else:
@@ -142,7 +142,7 @@ class MetaLearner:
                 logits = forward(self.model, fast, qx, buffers)
                 loss = F.cross_entropy(logits, qy)
                 loss.backward()    # per episode: gradients add up (summed meta-batch), graphs freed
-            tot_loss += float(loss)
+            tot_loss += float(loss.detach())
             tot_acc += float((logits.argmax(1) == qy).float().mean())
         self.optimizer.step()
         n = max(1, len(episodes))

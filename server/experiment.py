@@ -1,0 +1,326 @@
+"""The in-process main job (``make demo``): clients train, FREE learns from their models, all methods are scored.
+
+1. ``clients`` client models (Conv4, ``classes_per_client`` meta-train classes each, disjoint by
+   default) trained with :func:`free_dfml.client.train.train_client`; their packages form a zoo.
+2. :class:`~free_dfml.server.trainer.FreeTrainer` runs on that zoo (meta-val accuracy tracked
+   every ``track_every`` iterations for the plot).
+3. FREE, ``random`` and ``average`` are scored on the meta-TEST split, 5-way 1-shot and 5-shot,
+   ``eval_episodes`` episodes, 15 queries, 10 adaptation steps, the same inner lr and the same
+   episodes (same seed) for every method.
+4. Artefacts in ``out``: metrics.jsonl, results.json, results.md, accuracy.png, recovered.png.
+
+``python -m free_dfml.server.experiment --preset demo --out runs/demo``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from free_dfml.server.trainer import FreeConfig, FreeTrainer
+
+METHODS = ("free", "random", "average")
+
+
+@dataclass
+class ExperimentConfig:
+    out: str = "runs/demo"
+    dataset: str = "glyphs"
+    image_size: int = 32
+    data_seed: int = 0
+    images_per_class: int | None = None
+    cache_dir: str | None = None
+    # clients
+    clients: int = 20
+    classes_per_client: int = 5
+    disjoint: bool = True
+    client_epochs: int = 20
+    client_lr: float = 0.01
+    client_width: int = 32
+    # FREE
+    free_preset: str = "quick"
+    free: dict[str, Any] = field(default_factory=dict)    # FreeConfig overrides
+    iterations: int = 60
+    track_every: int = 10           # meta-val accuracy for the plot (0: off)
+    track_episodes: int = 100
+    # evaluation (the field's protocol; identical for every method)
+    eval_episodes: int = 600
+    eval_shots: tuple[int, ...] = (1, 5)
+    eval_seed: int = 0
+    methods: tuple[str, ...] = METHODS
+    device: str = "auto"
+    progress: bool = True
+    seed: int = 0
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "ExperimentConfig":
+        presets: dict[str, dict[str, Any]] = {
+            # measured on 2 CPU cores: see docs/algorithm.md ("Demo preset")
+            "demo": dict(),
+            # a few seconds: used by the tests (tiny models, few episodes)
+            "smoke": dict(clients=4, client_epochs=3, client_width=8, free_preset="tiny",
+                          iterations=4, track_every=2, track_episodes=10, eval_episodes=20),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown experiment preset {name!r} (known: {', '.join(presets)})")
+        return cls(**{**presets[name], **overrides})
+
+    def free_config(self) -> FreeConfig:
+        over = {"image_size": self.image_size, "learner_width": self.client_width,
+                "iterations": self.iterations, "seed": self.seed, **self.free}
+        return FreeConfig.preset(self.free_preset, **over)
+
+
+def client_classes(num_classes: int, clients: int, per_client: int, disjoint: bool, seed: int
+                   ) -> list[list[int]]:
+    """Each client's meta-train class indices: disjoint while the split allows, else wrapping around."""
+    g = torch.Generator().manual_seed(seed)
+    if per_client > num_classes:
+        raise ValueError(f"{per_client} classes per client but the split has {num_classes}")
+    if disjoint:
+        perm = torch.randperm(num_classes, generator=g).tolist()
+        out = []
+        for i in range(clients):
+            start = (i * per_client) % num_classes
+            cls = [perm[(start + j) % num_classes] for j in range(per_client)]
+            out.append(cls)
+        return out
+    return [torch.randperm(num_classes, generator=g)[:per_client].tolist() for _ in range(clients)]
+
+
+def _console():
+    from rich.console import Console
+    return Console()
+
+
+def _save_plot(history: list[dict], path: Path) -> bool:
+    pts = [(h["iteration"], h["eval_1shot"], h.get("eval_1shot_ci95", 0.0))
+           for h in history if "eval_1shot" in h]
+    if not pts:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    it, acc, ci = zip(*pts)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.errorbar(it, [100 * a for a in acc], yerr=[100 * c for c in ci], marker="o", capsize=3)
+    ax.set_xlabel("FREE iteration")
+    ax.set_ylabel("5-way 1-shot accuracy (%), meta-val")
+    ax.set_title("FREE: meta-val accuracy over training")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _save_grid(trainer: FreeTrainer, ids: list[str], path: Path, per_class: int = 4,
+               max_models: int = 10) -> bool:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+    rows, width = [], 0
+    for mid in ids[:max_models]:
+        x = trainer.recovered_images(mid, per_class=per_class)
+        if len(x):
+            rows.append(x)
+            width = max(width, len(x))
+    if not rows:
+        return False
+    padded = [torch.cat([r, torch.ones(width - len(r), *r.shape[1:])]) if len(r) < width else r
+              for r in rows]
+    grid = make_grid(torch.cat(padded), nrow=width, padding=1, pad_value=1.0)
+    fig, ax = plt.subplots(figsize=(min(20, width * 0.5 + 1), len(rows) * 0.55 + 0.8))
+    ax.imshow(grid.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title(f"Recovered images: one row per client model ({per_class} per class)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def run_experiment(cfg: ExperimentConfig, dataset=None) -> dict:
+    """Run the whole job; returns the results document (also written to ``out/results.json``)."""
+    from free_dfml.client.train import TrainConfig, train_client
+    from free_dfml.common.evaluation import evaluate
+    from free_dfml.server.baselines import average_learner, random_learner
+    from free_dfml.server.device import resolve_device
+    from free_dfml.server.zoo import Zoo
+
+    t_start = time.perf_counter()
+    console = _console()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    metrics_path = out / "metrics.jsonl"
+    metrics_f = open(metrics_path, "w", encoding="utf-8")
+
+    def log(rec: dict) -> None:
+        metrics_f.write(json.dumps(rec) + "\n")
+        metrics_f.flush()
+
+    if dataset is None:
+        from free_dfml.common.datasets import open_dataset
+        dataset = open_dataset(cfg.dataset, image_size=cfg.image_size, seed=cfg.data_seed,
+                               images_per_class=cfg.images_per_class, cache_dir=cfg.cache_dir)
+    train_split = dataset.split("train")
+    t_data = time.perf_counter() - t_start
+
+    # 1. clients --------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    zoo = Zoo(out / "zoo")
+    plan = client_classes(train_split.num_classes, cfg.clients, cfg.classes_per_client,
+                          cfg.disjoint, cfg.seed)
+    reports = []
+    for i, classes in enumerate(plan):
+        tc = TrainConfig(arch="conv4", arch_kwargs={"width": cfg.client_width}, epochs=cfg.client_epochs,
+                         lr=cfg.client_lr, seed=cfg.seed * 1000 + i, device=str(device))
+        pkg, rep = train_client(dataset, classes, tc)
+        mid, _ = zoo.add(pkg)
+        rep = {"event": "client", "client": i, "model_id": mid, "classes": classes, **rep}
+        reports.append(rep)
+        log(rep)
+        if cfg.progress:
+            console.print(f"client {i:2d}: classes {classes} holdout acc "
+                          f"{rep['holdout_accuracy']:.2f}")
+    t_clients = time.perf_counter() - t0
+
+    # 2. FREE -----------------------------------------------------------------------------
+    fcfg = cfg.free_config()
+    if cfg.track_every:
+        fcfg.eval_every = cfg.track_every
+    val = dataset.split("val")
+    trainer = FreeTrainer(zoo, fcfg, state_dir=out / "state", device=device, eval_data=val,
+                          eval_episodes=cfg.track_episodes)
+    t0 = time.perf_counter()
+    trainer.run(cfg.iterations, progress=cfg.progress,
+                on_metrics=lambda m: log({"event": "iteration", **m}))
+    t_free = time.perf_counter() - t0
+
+    # 3. evaluation -----------------------------------------------------------------------
+    test = dataset.split("test")
+    learners = {}
+    if "free" in cfg.methods:
+        learners["free"] = trainer.learner
+    if "random" in cfg.methods:
+        learners["random"] = random_learner(fcfg, norm=trainer.norm).to(device)
+    if "average" in cfg.methods:
+        learners["average"] = average_learner([zoo.package(m) for m in zoo.ids()], fcfg).to(device)
+    results: dict[str, dict] = {}
+    for name, learner in learners.items():
+        results[name] = {}
+        for shot in cfg.eval_shots:
+            t0 = time.perf_counter()
+            r = evaluate(learner, test, way=fcfg.way, shot=shot, episodes=cfg.eval_episodes,
+                         steps=fcfg.eval_steps, lr=fcfg.inner_lr, seed=cfg.eval_seed, device=device,
+                         progress=f"{name} {shot}-shot" if cfg.progress else False)
+            dt = time.perf_counter() - t0
+            results[name][f"{shot}shot"] = {**r.to_dict(), "eval_s": round(dt, 2)}
+            log({"event": "eval", "method": name, **r.to_dict(), "eval_s": dt})
+    t_eval = sum(v["eval_s"] for res in results.values() for v in res.values())
+
+    # 4. artefacts --------------------------------------------------------------------------
+    plot_ok = _save_plot(trainer.history, out / "accuracy.png")
+    grid_ok = _save_grid(trainer, zoo.ids(), out / "recovered.png")
+    wall = time.perf_counter() - t_start
+    doc = {
+        "config": {**asdict(cfg), "free_config": fcfg.to_dict()},
+        "device": str(device), "torch_threads": torch.get_num_threads(),
+        "results": results,
+        "times_s": {"data": round(t_data, 2), "clients": round(t_clients, 2), "free": round(t_free, 2),
+                    "eval": round(t_eval, 2), "total": round(wall, 2)},
+        "clients": {"count": len(reports),
+                    "mean_holdout_accuracy": sum(r["holdout_accuracy"] for r in reports) / len(reports)},
+        "free_iterations": trainer.iteration,
+        "artefacts": {"plot": plot_ok and "accuracy.png", "grid": grid_ok and "recovered.png"},
+    }
+    if "free" in results and "random" in results:
+        doc["free_above_random"] = {
+            s: (results["free"][s]["mean"] - results["free"][s]["ci95"]
+                > results["random"][s]["mean"] + results["random"][s]["ci95"])
+            for s in results["free"]}
+    (out / "results.json").write_text(json.dumps(doc, indent=2))
+    (out / "results.md").write_text(_markdown(doc))
+    metrics_f.close()
+    _print_table(console, doc)
+    return doc
+
+
+def _rows(doc: dict) -> list[list[str]]:
+    rows = []
+    for name, res in doc["results"].items():
+        row = [name]
+        for key in sorted(res):
+            r = res[key]
+            row.append(f"{100 * r['mean']:.2f} ± {100 * r['ci95']:.2f}")
+        row.append(f"{sum(r['eval_s'] for r in res.values()):.1f}")
+        rows.append(row)
+    return rows
+
+
+def _headers(doc: dict) -> list[str]:
+    first = next(iter(doc["results"].values()))
+    return ["method"] + [f"5-way {k.replace('shot', '-shot')} (%)" for k in sorted(first)] + ["eval s"]
+
+
+def _markdown(doc: dict) -> str:
+    h = _headers(doc)
+    lines = ["# FREE demo results", "",
+             f"Meta-test split, {doc['config']['eval_episodes']} episodes, 15 queries a class, "
+             f"10 adaptation steps, inner lr {doc['config']['free_config']['inner_lr']} for every method; "
+             "95% intervals.", "",
+             "| " + " | ".join(h) + " |", "|" + "---|" * len(h)]
+    lines += ["| " + " | ".join(r) + " |" for r in _rows(doc)]
+    t = doc["times_s"]
+    lines += ["", f"Wall time: {t['total']:.0f} s (data {t['data']:.0f} s, clients {t['clients']:.0f} s, "
+              f"FREE {t['free']:.0f} s for {doc['free_iterations']} iterations, evaluation {t['eval']:.0f} s) "
+              f"on {doc['device']} with {doc['torch_threads']} torch threads.", ""]
+    return "\n".join(lines)
+
+
+def _print_table(console, doc: dict) -> None:
+    from rich.table import Table
+    table = Table(title="FREE vs baselines (meta-test, 95% intervals)")
+    for h in _headers(doc):
+        table.add_column(h)
+    for r in _rows(doc):
+        table.add_row(*r)
+    console.print(table)
+    t = doc["times_s"]
+    console.print(f"wall {t['total']:.0f} s (clients {t['clients']:.0f} s, FREE {t['free']:.0f} s, "
+                  f"evaluation {t['eval']:.0f} s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m free_dfml.server.experiment", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="demo", help="demo | smoke")
+    ap.add_argument("--out", default=None, help="output folder (default runs/<preset>)")
+    ap.add_argument("--iterations", type=int, default=None)
+    ap.add_argument("--clients", type=int, default=None)
+    ap.add_argument("--episodes", type=int, default=None, help="evaluation episodes (default 600)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    over: dict[str, Any] = {"out": a.out or f"runs/{a.preset}", "device": a.device,
+                            "progress": not a.no_progress}
+    for key, val in (("iterations", a.iterations), ("clients", a.clients),
+                     ("eval_episodes", a.episodes), ("seed", a.seed), ("cache_dir", a.cache_dir)):
+        if val is not None:
+            over[key] = val
+    doc = run_experiment(ExperimentConfig.preset(a.preset, **over))
+    return 0 if doc else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
