@@ -106,7 +106,7 @@ def train_client(dataset: FewShotDataset, classes: Sequence[int], cfg: TrainConf
             loss.backward()
             opt.step()
         if on_epoch is not None:
-            on_epoch(epoch, float(loss))
+            on_epoch(epoch, float(loss.detach()))
     report = {"train_accuracy": accuracy(model, x_tr, y_tr), "holdout_accuracy": accuracy(model, x_ho, y_ho),
               "epochs": cfg.epochs, "train_images": int(len(y_tr)), "holdout_images": int(len(y_ho)),
               "dataset": dataset.name, "seed": cfg.seed}
@@ -154,15 +154,17 @@ def _train_dp(dataset: FewShotDataset, data: SplitData, cfg: TrainConfig,
     loader = DataLoader(TensorDataset(x_tr, y_tr), batch_size=min(cfg.batch_size, n), shuffle=True,
                         generator=torch.Generator().manual_seed(cfg.seed + 1))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    engine = PrivacyEngine(accountant="rdp", secure_mode=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")     # Opacus' notes about secure_mode and the RNG
+        engine = PrivacyEngine(accountant="rdp", secure_mode=False)
         dp_model, dp_opt, dp_loader = engine.make_private_with_epsilon(
             module=model, optimizer=opt, data_loader=loader, target_epsilon=float(cfg.dp_epsilon),
             target_delta=float(delta), epochs=cfg.epochs, max_grad_norm=float(cfg.max_grad_norm),
             noise_generator=torch.Generator(device=device).manual_seed(cfg.seed + 2))
     loss = torch.tensor(float("nan"))
     steps = 0
+    # the first layer's input needs no gradient; Opacus' full backward hooks say so on every step
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
     for epoch in range(cfg.epochs):
         dp_model.train()
         for xb, yb in dp_loader:
@@ -175,7 +177,7 @@ def _train_dp(dataset: FewShotDataset, data: SplitData, cfg: TrainConfig,
             dp_opt.step()
             steps += 1
         if on_epoch is not None:
-            on_epoch(epoch, float(loss))
+            on_epoch(epoch, float(loss.detach()))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         epsilon = float(engine.get_epsilon(delta))
