@@ -174,12 +174,12 @@ class SimClientSettings:
         return asdict(self)
 
 
-def client_classes(partition: int, num_partitions: int, num_classes: int, per_client: int) -> list[int]:
-    """Train-split class indices of one client: consecutive blocks, disjoint while they fit."""
-    if per_client > num_classes:
-        raise ValueError(f"{per_client} classes per client but the split has only {num_classes}")
-    start = (partition * per_client) % num_classes
-    return [(start + i) % num_classes for i in range(per_client)]
+def client_classes(partition: int, num_partitions: int, num_classes: int, per_client: int,
+                   seed: int = 0) -> list[int]:
+    """Train-split class indices of one client: the same plan as server/experiment.py (a seeded
+    permutation cut into disjoint blocks while the split allows)."""
+    from free_dfml.server.experiment import client_classes as plan
+    return plan(num_classes, num_partitions, per_client, True, seed)[partition]
 
 
 def train_partition(settings: SimClientSettings, partition: int, num_partitions: int) -> ModelPackage:
@@ -188,11 +188,11 @@ def train_partition(settings: SimClientSettings, partition: int, num_partitions:
 
     ds = open_dataset(settings.dataset, image_size=settings.image_size, seed=settings.seed,
                       images_per_class=settings.images_per_class)
-    n = len(ds.split("train").classes)
-    classes = client_classes(partition, num_partitions, n, settings.classes_per_client)
+    n = len(ds.classes("train"))
+    classes = client_classes(partition, num_partitions, n, settings.classes_per_client, settings.seed)
     arch = settings.archs[partition % len(settings.archs)]
     cfg = TrainConfig(arch=arch, arch_kwargs=dict(settings.arch_kwargs), epochs=settings.epochs,
-                      lr=settings.lr, batch_size=settings.batch_size, seed=settings.seed + 1000 * partition,
+                      lr=settings.lr, batch_size=settings.batch_size, seed=settings.seed * 1000 + partition,
                       dp_epsilon=settings.dp_epsilon, dp_delta=settings.dp_delta,
                       max_grad_norm=settings.max_grad_norm)
     torch.set_num_threads(1)

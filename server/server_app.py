@@ -68,6 +68,7 @@ class ServerSettings:
     collect_timeout: float = 0.0        # simulation: stop waiting for replies after this (0: forever)
     supervisor_pid: int = 0             # deployment: stop when this process is gone
     eval_data: str = ""                 # optional dataset for in-training evaluation (eval_every)
+    eval_split: str = "val"
     eval_episodes: int = 50
     threads: int = 0                    # torch threads for training (0: leave as is)
 
@@ -216,9 +217,11 @@ class TrainerRunner:
     def running(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
 
-    def maybe_start(self) -> None:
+    def maybe_start(self, force: bool = False) -> None:
+        """Start once the zoo holds ``min-models`` models (``force``: as soon as it holds one)."""
         s = self.settings
-        if not s.train or self.thread is not None or self.error or len(self.zoo) < max(1, s.min_models):
+        need = 1 if force else max(1, s.min_models)
+        if not s.train or self.thread is not None or self.error or len(self.zoo) < need:
             return
         try:
             from free_dfml.server.trainer import FreeTrainer
@@ -226,7 +229,8 @@ class TrainerRunner:
             eval_data = None
             if s.eval_data:
                 from free_dfml.common.datasets import open_dataset
-                eval_data = open_dataset(s.eval_data, image_size=cfg.image_size).split("test")
+                eval_data = open_dataset(s.eval_data, image_size=cfg.image_size,
+                                         grayscale=cfg.channels == 1).split(s.eval_split)
             if s.threads:
                 torch.set_num_threads(int(s.threads))
             self.trainer = FreeTrainer(self.zoo, cfg, state_dir=self.state.checkpoint_dir, device=s.device,
@@ -369,16 +373,22 @@ class FreeServer:
         if self.acks:   # collect the (empty) ack replies so they do not pile up
             for r in self.grid.pull_messages(list(self.acks)):
                 self.acks.discard(r.metadata.reply_to_message_id)
-        self.runner.maybe_start()
+        self.runner.maybe_start(force=self.collected())
+
+    def collected(self) -> bool:
+        """Simulation: every expected client has answered (or the collect timeout passed)."""
+        s = self.settings
+        if not s.expected_models:
+            return False
+        if len(self.heard) >= s.expected_models:
+            return True
+        return bool(s.collect_timeout and time.time() - self.started_at > s.collect_timeout)
 
     def finished(self) -> bool:
         s = self.settings
         if not s.finish_when_done:
             return False
-        collected = len(self.heard) >= s.expected_models if s.expected_models else True
-        if not collected and s.collect_timeout and time.time() - self.started_at > s.collect_timeout:
-            LOG.warning("collect timeout: %d of %d replies", len(self.heard), s.expected_models)
-            collected = True
+        collected = self.collected() if s.expected_models else True
         if not collected:
             return False
         if not s.train:
@@ -386,7 +396,7 @@ class FreeServer:
         if self.runner.error:
             return True
         if self.runner.thread is None:
-            return len(self.zoo) < max(1, s.min_models) and collected
+            return len(self.zoo) == 0     # nothing to train on: done
         return self.runner.done
 
     def write_status(self, force: bool = False) -> None:
