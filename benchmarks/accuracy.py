@@ -1,0 +1,218 @@
+"""Accuracy table: every method on the same zoo, the same seeds and the same meta-test episodes.
+
+Methods:
+
+* ``random``: a fresh meta-learner (FREE's own initialisation), adapted at meta-test;
+* ``average``: feature-layer average of the zoo's Conv4 models (``server.baselines.average_learner``);
+* ``scratch``: a fresh generator per model, ``scratch_steps`` steps, then the same meta-learner
+  training as FREE (``FreeConfig(inversion="scratch")``: PURER / BiDf-MKD family);
+* ``free-noalign``: FIVE + memory-bank replay, BELL's alignment step off (``align=False``);
+* ``free``: the full method;
+* ``oracle``: MAML on the real images of the zoo's classes (NOT data-free: an upper bound), the
+  ``server.baselines.train_oracle`` loop started from FREE's initialisation, with as many MAML
+  meta-batches as FREE may replay (``iterations * max_replay_batches``).
+
+Every method is scored with :func:`free_dfml.common.evaluation.evaluate` on the meta-test split:
+``eval_episodes`` (600) episodes per shot setting, 15 queries, ``eval_steps`` (10) SGD steps at
+``inner_lr``, episode seed ``eval_seed``: identical episodes for every method. Training time
+excludes the meta-val tracking evaluations (the accuracy-vs-iterations curve).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import evaluate_learner, open_data, sync
+from benchmarks.jobs import Ctx, Job
+
+METHODS = ("random", "average", "scratch", "free-noalign", "free", "oracle")
+LABELS = {
+    "random": "random init",
+    "average": "average of zoo models",
+    "scratch": "scratch inversion + replay (PURER/BiDf-MKD family)",
+    "free-noalign": "FREE without BELL alignment",
+    "free": "FREE (FIVE + BELL + replay)",
+    "oracle": "MAML on real data (not data-free)",
+}
+
+
+def free_config(p, **over):
+    from free_dfml.server.trainer import FreeConfig
+    return FreeConfig.preset(p.free_preset, **{**p.free_overrides(), **over})
+
+
+def method_config(p, method: str, **over):
+    if method == "scratch":
+        return free_config(p, inversion="scratch", **over)
+    if method == "free-noalign":
+        return free_config(p, align=False, **over)
+    return free_config(p, **over)
+
+
+def track_eval(learner, val, cfg, episodes: int, device) -> tuple[float, float]:
+    """Meta-val 5-way 1-shot accuracy for the curve: same episodes (seed) at every point, every method."""
+    from free_dfml.common.evaluation import evaluate
+    r = evaluate(learner, val, way=cfg.way, shot=1, episodes=episodes, steps=cfg.eval_steps,
+                 lr=cfg.inner_lr, seed=cfg.seed + 1000, device=device)
+    return r.mean, r.ci95
+
+
+def track_points(iterations: int, every: int) -> list[int]:
+    if not every:
+        return [iterations]
+    pts = list(range(0, iterations, every)) + [iterations]
+    return sorted(set(pts))
+
+
+def zoo_norm(zoo, channels: int):
+    from free_dfml.server.meta_learner import zoo_normalisation
+    return zoo_normalisation([zoo.meta(m) for m in zoo.ids()], channels) or \
+        ((0.5,) * channels, (0.25,) * channels)
+
+
+def run_method(ctx: Ctx, deps: dict, *, method: str, zoo_job: str = "zoo:main",
+               iterations: int | None = None, shots: tuple[int, ...] | None = None,
+               save_generator: bool = False, tracking: bool = True) -> dict:
+    from free_dfml.server.baselines import average_learner, random_learner
+    from free_dfml.server.zoo import Zoo
+
+    p = ctx.preset
+    device = torch.device(ctx.device)
+    z = deps[zoo_job]
+    zoo = Zoo(z["root"], cache_size=max(4, p.clients + 1))
+    ds = open_data(p.dataset, image_size=p.image_size, seed=p.seed, images_per_class=p.images_per_class)
+    val, test = ds.split("val"), ds.split("test")
+    iterations = p.iterations if iterations is None else iterations
+    cfg = method_config(p, method, iterations=iterations)
+    norm = zoo_norm(zoo, cfg.channels)
+    curve: list[dict] = []
+    extra: dict = {}
+    train_s = 0.0
+    track_s = 0.0
+
+    def track(x: float, learner) -> None:
+        nonlocal track_s
+        if not (tracking and p.track_every):
+            return
+        t0 = time.perf_counter()
+        acc, ci = track_eval(learner, val, cfg, p.track_episodes, device)
+        track_s += time.perf_counter() - t0
+        curve.append({"iteration": x, "acc": acc, "ci95": ci})
+
+    if method == "random":
+        learner = random_learner(cfg, norm=norm).to(device)
+        track(0, learner)
+    elif method == "average":
+        learner = average_learner([zoo.package(m) for m in zoo.ids()], cfg).to(device)
+        track(0, learner)
+    elif method in ("free", "free-noalign", "scratch"):
+        from free_dfml.server.trainer import FreeTrainer
+        trainer = FreeTrainer(zoo, cfg, device=device)
+        if p.batched_inversion and cfg.inversion == "five":
+            from free_dfml.server.batched_inversion import install
+            install(trainer)
+        for target in track_points(iterations, p.track_every if tracking else 0):
+            t0 = time.perf_counter()
+            trainer.run(target, progress=False)
+            sync(device)
+            train_s += time.perf_counter() - t0
+            track(target, trainer.learner)
+        learner = trainer.learner
+        h = trainer.history
+        extra = {
+            "inversion_s": round(sum(m["inversion_s"] for m in h), 2),
+            "inversion_s_per_iteration": round(sum(m["inversion_s"] for m in h) / max(1, len(h)), 4),
+            "replay_batches": int(sum(m.get("replay_batches", 0) for m in h)),
+            "final_inversion_ce": h[-1]["inversion_ce"] if h else None,
+            "iterations": trainer.iteration,
+        }
+        if save_generator:
+            from safetensors.torch import save_file
+            path = Path(ctx.work) / f"generator-{method}.safetensors"
+            save_file({k: v.detach().cpu().contiguous() for k, v in trainer.metagen.generator.state_dict().items()},
+                      str(path))
+            extra["generator_path"] = str(path)
+            extra["config"] = cfg.to_dict()
+    elif method == "oracle":
+        learner, train_s, batches = _oracle(p, cfg, ds, z["classes"], norm, device, iterations, track)
+        extra = {"meta_batches": batches, "classes": len(z["classes"])}
+    else:
+        raise ValueError(f"unknown method {method!r}")
+
+    results = evaluate_learner(learner, test, way=cfg.way, shots=shots or p.eval_shots,
+                               episodes=p.eval_episodes, steps=cfg.eval_steps, lr=cfg.inner_lr,
+                               seed=p.eval_seed, device=device)
+    return {"method": method, "results": results, "train_s": round(train_s, 2),
+            "eval_s": round(sum(r["eval_s"] for r in results.values()), 2),
+            "track_s": round(track_s, 2), "curve": curve, **extra}
+
+
+def _oracle(p, cfg, ds, classes, norm, device, iterations, track):
+    """``baselines.train_oracle``'s loop (same MetaLearner, same episode sampler) from FREE's
+    initialisation, tracked at iteration-equivalent points (meta-batches / max_replay_batches)."""
+    from free_dfml.common.datasets import to_float
+    from free_dfml.common.episodes import EpisodeSampler
+    from free_dfml.server.baselines import random_learner
+    from free_dfml.server.meta_learner import MetaLearner
+
+    learner = random_learner(cfg, norm=norm).to(device)
+    meta = MetaLearner(learner, way=cfg.way, inner_lr=cfg.inner_lr, replay_steps=cfg.replay_steps,
+                       meta_batch=cfg.meta_batch, outer_lr=cfg.outer_lr, second_order=cfg.second_order,
+                       device=device)
+    train = ds.subset("train", classes)
+    sampler = EpisodeSampler(train, way=cfg.way, shot=cfg.replay_shot, query=cfg.replay_query, seed=cfg.seed)
+    total = p.oracle_meta_batches(cfg.max_replay_batches)
+    per_it = total / max(1, iterations)
+    marks = {max(0, round(pt * per_it)): pt for pt in track_points(iterations, p.track_every)}
+    train_s = 0.0
+    if 0 in marks:
+        track(0, learner)
+    for b in range(1, total + 1):
+        t0 = time.perf_counter()
+        eps = [(to_float(e.support_x), e.support_y, to_float(e.query_x), e.query_y)
+               for e in sampler.take(cfg.meta_batch)]
+        meta.maml_step(eps)
+        sync(device)
+        train_s += time.perf_counter() - t0
+        if b in marks:
+            track(marks[b], learner)
+    return learner, train_s, total
+
+
+def jobs(p) -> list[Job]:
+    from benchmarks.zoos import main_zoo_jobs
+    weights = {"scratch": 50.0, "free": 10.0, "free-noalign": 9.0, "oracle": 4.0, "random": 2.0,
+               "average": 2.0}
+    out = main_zoo_jobs(p)
+    for m in METHODS:
+        out.append(Job(f"acc:{m}", "benchmarks.accuracy:run_method",
+                       {"method": m, "save_generator": m == "free"}, deps=("zoo:main",),
+                       weight=weights[m]))
+    return out
+
+
+def summarize(outcomes: dict, p) -> dict:
+    zoo = outcomes.get("zoo:main")
+    sec: dict = {"methods": {}, "errors": {}}
+    if zoo is not None and zoo.ok:
+        z = zoo.result
+        sec["zoo"] = {"models": len(z["reports"]), "heldout": len(z["heldout"]),
+                      "mean_client_holdout_accuracy": round(z["mean_holdout_accuracy"], 4),
+                      "client_train_s": z["train_s"], "classes": len(z["classes"])}
+    for m in METHODS:
+        o = outcomes.get(f"acc:{m}")
+        if o is None:
+            continue
+        if o.ok:
+            r = dict(o.result)
+            r.pop("config", None)
+            r["label"] = LABELS[m]
+            sec["methods"][m] = r
+        else:
+            sec["errors"][m] = o.error
+    sec["protocol"] = {"episodes": p.eval_episodes, "query": 15, "adapt_steps": 10,
+                       "eval_seed": p.eval_seed, "shots": list(p.eval_shots), "way": 5}
+    return sec

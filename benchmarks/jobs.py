@@ -1,0 +1,135 @@
+"""A tiny dependency-aware job runner: benchmark pieces run in worker processes (one torch thread each
+on CPU, so two jobs use two cores without fighting over threads), or in-process with ``workers=0``.
+
+A job is ``module:function`` called as ``function(ctx, deps)`` where ``deps`` maps each dependency's
+name to its result. Results must be picklable (plain dicts). A failing job records its traceback;
+the jobs that depend on it are skipped, everything else still runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing as mp
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass
+class Ctx:
+    preset: Any              # benchmarks.presets.Preset
+    out: str                 # the run's output folder
+    work: str                # scratch folder inside it (zoos, states)
+    device: str              # "cpu" | "cuda"
+
+
+@dataclass
+class Job:
+    name: str
+    fn: str                  # "benchmarks.accuracy:run_method"
+    kwargs: dict = field(default_factory=dict)
+    deps: tuple[str, ...] = ()
+    weight: float = 1.0      # rough cost, bigger first when several are ready
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    result: Any = None
+    error: str | None = None
+    wall_s: float = 0.0
+
+
+def _call(fn: str, ctx: Ctx, deps: dict, kwargs: dict) -> Outcome:
+    t0 = time.perf_counter()
+    try:
+        mod, name = fn.split(":")
+        result = getattr(importlib.import_module(mod), name)(ctx, deps, **kwargs)
+        return Outcome(True, result, None, time.perf_counter() - t0)
+    except Exception:  # noqa: BLE001 - recorded, the run goes on
+        return Outcome(False, None, traceback.format_exc(), time.perf_counter() - t0)
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+    if threads:
+        torch.set_num_threads(threads)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:
+            pass
+
+
+def run_jobs(jobs: list[Job], ctx: Ctx, *, workers: int, threads: int,
+             log: Callable[[str], None] = print) -> dict[str, Outcome]:
+    names = [j.name for j in jobs]
+    if len(set(names)) != len(names):
+        raise ValueError("duplicate job names")
+    by_name = {j.name: j for j in jobs}
+    for j in jobs:
+        missing = [d for d in j.deps if d not in by_name]
+        if missing:
+            raise ValueError(f"job {j.name} depends on unknown job(s) {missing}")
+    done: dict[str, Outcome] = {}
+    pending = list(jobs)
+
+    def ready() -> list[Job]:
+        out = [j for j in pending if all(d in done for d in j.deps)]
+        return sorted(out, key=lambda j: -j.weight)
+
+    def deps_of(j: Job) -> tuple[bool, dict]:
+        ok = all(done[d].ok for d in j.deps)
+        return ok, {d: done[d].result for d in j.deps}
+
+    if workers <= 0:
+        while pending:
+            batch = ready()
+            if not batch:
+                raise RuntimeError("dependency cycle among jobs")
+            j = batch[0]
+            pending.remove(j)
+            ok, deps = deps_of(j)
+            if not ok:
+                done[j.name] = Outcome(False, None, "skipped: a dependency failed")
+                continue
+            log(f"[bench] {j.name} ...")
+            done[j.name] = _call(j.fn, ctx, deps, j.kwargs)
+            _report(log, j.name, done[j.name])
+        return done
+
+    running: dict[Future, Job] = {}
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                             initializer=_init_worker, initargs=(threads,)) as pool:
+        while pending or running:
+            for j in ready():
+                if len(running) >= workers:
+                    break
+                pending.remove(j)
+                ok, deps = deps_of(j)
+                if not ok:
+                    done[j.name] = Outcome(False, None, "skipped: a dependency failed")
+                    continue
+                log(f"[bench] {j.name} ...")
+                running[pool.submit(_call, j.fn, ctx, deps, j.kwargs)] = j
+            if not running:
+                if pending and not ready():
+                    raise RuntimeError("dependency cycle among jobs")
+                continue
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for f in finished:
+                j = running.pop(f)
+                try:
+                    done[j.name] = f.result()
+                except Exception:  # noqa: BLE001 - a crashed worker
+                    done[j.name] = Outcome(False, None, traceback.format_exc())
+                _report(log, j.name, done[j.name])
+    return done
+
+
+def _report(log, name: str, o: Outcome) -> None:
+    if o.ok:
+        log(f"[bench] {name} done in {o.wall_s:.1f} s")
+    else:
+        log(f"[bench] {name} FAILED after {o.wall_s:.1f} s:\n{o.error}")

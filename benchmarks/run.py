@@ -1,0 +1,126 @@
+"""One command for the project's performance evidence.
+
+    python -m benchmarks.run --preset tiny|quick|full [--device auto|cpu|cuda]
+                             [--out benchmarks/results/NAME] [--only accuracy,recovery,batched,hetero,scaling]
+
+Sections (one module each): ``accuracy`` (every method, 5-way 1/5-shot, 600 meta-test episodes),
+``recovery`` (FIVE vs scratch inversion speed), ``batched`` (vmapped multi-teacher inversion vs the
+sequential loop), ``hetero`` (mixed-architecture and mixed-domain zoos), ``scaling`` (memory and
+speed vs zoo size). Writes ``results.json``, ``results.md`` and PNG plots into ``--out``, with the
+machine (CPU / GPU model, torch version), the preset, the seed and the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib
+import json
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+SECTIONS = ("accuracy", "recovery", "batched", "hetero", "scaling")
+
+
+def _jobs_for(sections, p):
+    jobs, seen = [], set()
+    for sec in sections:
+        for j in importlib.import_module(f"benchmarks.{sec}").jobs(p):
+            if j.name not in seen:
+                seen.add(j.name)
+                jobs.append(j)
+    return jobs
+
+
+def run(preset: str = "quick", *, out: str | Path | None = None, device: str = "auto",
+        only: list[str] | None = None, workers: int | None = None, keep_work: bool = False,
+        log: Callable[[str], None] = print, command: str | None = None, **overrides: Any) -> dict:
+    """Run the benchmark; returns the results document (also written to ``out/results.json``)."""
+    from benchmarks.common import machine_info, set_threads
+    from benchmarks.jobs import Ctx, run_jobs
+    from benchmarks.presets import get_preset
+    from benchmarks.report import markdown, plots, targets
+    from free_dfml.server.device import resolve_device
+
+    sections = list(only) if only else list(SECTIONS)
+    bad = [s for s in sections if s not in SECTIONS]
+    if bad:
+        raise ValueError(f"unknown section(s) {bad} (known: {', '.join(SECTIONS)})")
+    if workers is not None:
+        overrides["workers"] = workers
+    p = get_preset(preset, **overrides)
+    dev = resolve_device(device)
+    out = Path(out or f"benchmarks/results/{preset}")
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir()
+    if p.workers <= 0:
+        set_threads(p.threads_per_worker)
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    t0 = time.perf_counter()
+    ctx = Ctx(preset=p, out=str(out), work=str(work), device=str(dev))
+    jobs = _jobs_for(sections, p)
+    log(f"[bench] preset {preset}: {len(jobs)} jobs, {p.workers} worker(s), device {dev}, out {out}")
+    outcomes = run_jobs(jobs, ctx, workers=p.workers, threads=p.threads_per_worker, log=log)
+    wall = time.perf_counter() - t0
+    machine = machine_info(dev)
+    machine["torch_threads"] = p.threads_per_worker or machine["torch_threads"]
+    doc: dict[str, Any] = {
+        "preset": preset, "seed": p.seed, "settings": p.to_dict(), "machine": machine,
+        "command": command or "benchmarks.run.run(" + repr(preset) + ")", "started": started,
+        "wall_s": round(wall, 1), "out": str(out), "sections": {},
+        "jobs": {k: {"ok": o.ok, "wall_s": round(o.wall_s, 2)} for k, o in outcomes.items()},
+        "job_errors": {k: o.error for k, o in outcomes.items() if not o.ok},
+    }
+    for sec in sections:
+        doc["sections"][sec] = importlib.import_module(f"benchmarks.{sec}").summarize(outcomes, p)
+    doc["targets"] = targets(doc)
+    doc["plots"] = plots(doc, out)
+    (out / "results.json").write_text(json.dumps(doc, indent=1, default=_json_default))
+    (out / "results.md").write_text(markdown(doc))
+    if not keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    log(f"[bench] done in {wall:.0f} s: {out / 'results.md'}")
+    return doc
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, tuple):
+        return list(o)
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="quick", choices=("tiny", "quick", "full"))
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--out", default=None, help="output folder (default benchmarks/results/<preset>)")
+    ap.add_argument("--only", default=None, help="comma-separated sections: " + ",".join(SECTIONS))
+    ap.add_argument("--workers", type=int, default=None, help="worker processes (0: in-process)")
+    ap.add_argument("--dataset", default=None, help="data set spec (default glyphs; 'synthetic' for tests)")
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--keep-work", action="store_true", help="keep the zoos and states under OUT/work")
+    a = ap.parse_args(argv)
+    over: dict[str, Any] = {}
+    if a.dataset:
+        over["dataset"] = a.dataset
+    if a.seed is not None:
+        over["seed"] = a.seed
+    only = [s.strip() for s in a.only.split(",") if s.strip()] if a.only else None
+    cmd = "python -m benchmarks.run " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+    doc = run(a.preset, out=a.out, device=a.device, only=only, workers=a.workers, keep_work=a.keep_work,
+              command=cmd, **over)
+    return 0 if not doc["job_errors"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

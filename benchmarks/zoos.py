@@ -1,0 +1,75 @@
+"""Jobs that train the client models and write them into zoos (``Zoo.add``, as the server does).
+
+``zoo:main``: ``clients`` Conv4 models (FREE's zoo) plus ``heldout_clients`` more over other classes
+(the recovery benchmark's held-out models), client training split over ``workers`` chunk jobs.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from benchmarks.common import add_packages, client_plan, open_data, plan_hash, train_clients
+from benchmarks.jobs import Ctx, Job
+
+
+def main_plan(p):
+    ds = open_data(p.dataset, image_size=p.image_size, seed=p.seed, images_per_class=p.images_per_class)
+    n_cls = len(ds.classes("train"))   # class names only: nothing rendered or loaded
+    return client_plan(n_cls, p.clients + p.heldout_clients, p.classes_per_client, p.seed,
+                       widths=(p.client_width,), image_sizes=(p.image_size,), epochs=p.client_epochs)
+
+
+def chunks(n: int, k: int) -> list[tuple[int, int]]:
+    k = max(1, min(k, n))
+    step = -(-n // k)
+    return [(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def train_chunk(ctx: Ctx, deps: dict, *, plan: str, start: int, stop: int) -> dict:
+    p = ctx.preset
+    specs = plan_specs(p, plan)[start:stop]
+    items = train_clients(specs, data_spec=p.dataset, data_seed=p.seed,
+                          images_per_class=p.images_per_class, device=ctx.device)
+    return {"items": items}
+
+
+def plan_specs(p, plan: str):
+    if plan == "main":
+        return main_plan(p)
+    from benchmarks.hetero import hetero_plan
+    return hetero_plan(p, plan)
+
+
+def build_zoo(ctx: Ctx, deps: dict, *, plan: str, split_at: int | None = None) -> dict:
+    """Add every chunk's packages to ``work/zoo-<plan>`` (first ``split_at``) and
+    ``work/zoo-<plan>-heldout`` (the rest)."""
+    from free_dfml.server.zoo import Zoo
+    items = [it for name in sorted(deps, key=lambda s: int(s.rsplit(":", 1)[1])) for it in deps[name]["items"]]
+    specs = plan_specs(ctx.preset, plan)
+    n = len(items) if split_at is None else split_at
+    root = Path(ctx.work) / f"zoo-{plan}"
+    held = Path(ctx.work) / f"zoo-{plan}-heldout"
+    for d in (root, held):
+        if d.exists():
+            shutil.rmtree(d)
+    reports = add_packages(Zoo(root), items[:n])
+    held_reports = add_packages(Zoo(held), items[n:]) if n < len(items) else []
+    train_s = sum(r["train_s"] for r in reports + held_reports)
+    classes = sorted({c for r in reports for c in r["classes"]})
+    return {"root": str(root), "heldout_root": str(held), "reports": reports, "heldout": held_reports,
+            "classes": classes, "plan_hash": plan_hash(specs), "train_s": round(train_s, 2),
+            "mean_holdout_accuracy": sum(r["holdout_accuracy"] for r in reports) / max(1, len(reports))}
+
+
+def zoo_jobs(p, plan: str, n_models: int, split_at: int | None = None) -> list[Job]:
+    parts = chunks(n_models, max(1, p.workers))
+    jobs = [Job(f"clients:{plan}:{i}", "benchmarks.zoos:train_chunk",
+                {"plan": plan, "start": a, "stop": b}, weight=5.0) for i, (a, b) in enumerate(parts)]
+    jobs.append(Job(f"zoo:{plan}", "benchmarks.zoos:build_zoo", {"plan": plan, "split_at": split_at},
+                    deps=tuple(j.name for j in jobs), weight=5.0))
+    return jobs
+
+
+def main_zoo_jobs(p) -> list[Job]:
+    return zoo_jobs(p, "main", p.clients + p.heldout_clients, split_at=p.clients)

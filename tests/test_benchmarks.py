@@ -1,0 +1,161 @@
+"""The benchmark harness: batched inversion equals the sequential loop; the tiny preset runs end to end.
+
+No wall-clock assertions: speed-ups are measured and reported by the harness, never asserted here.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:          # `benchmarks` is a top-level folder, not an installed package
+    sys.path.insert(0, str(REPO))
+
+from free_dfml.common.models import Normalized, build_model  # noqa: E402
+from free_dfml.server import batched_inversion as bi  # noqa: E402
+from free_dfml.server.meta_generator import MetaGenerator, Teacher, invert_from_scratch  # noqa: E402
+from free_dfml.server.meta_learner import MetaLearner, build_learner  # noqa: E402
+
+
+@pytest.fixture
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _teacher(seed: int, *, arch: str = "conv4", num_classes: int = 5, width: int = 8, size: int = 32) -> Teacher:
+    torch.manual_seed(seed)
+    net = build_model(arch, num_classes=num_classes, image_size=size, width=width)
+    for m in net.modules():        # non-trivial BN statistics, so the BN term and eval-mode BN matter
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    model = Normalized(net, (0.5, 0.4, 0.3), (0.25, 0.3, 0.2)).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return Teacher(model, (3, size, size), num_classes, f"m{seed}")
+
+
+def _zoo():
+    """Three same-structure Conv4s (stacked), a ResNet-10, a 7-class and a 40-px Conv4 (their own groups)."""
+    return ([_teacher(i) for i in range(3)] + [_teacher(9, arch="resnet10", width=4)]
+            + [_teacher(11, num_classes=7), _teacher(12, size=40), _teacher(13)])
+
+
+def _close(a, b, tol):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert torch.allclose(x.images, y.images, atol=tol, rtol=0)
+        assert torch.allclose(x.z, y.z, atol=tol, rtol=0)
+        assert torch.equal(x.labels, y.labels)
+        assert abs(x.final_ce - y.final_ce) < tol
+        for k in x.last_grads:
+            assert torch.allclose(x.last_grads[k], y.last_grads[k], atol=tol, rtol=0), k
+            assert torch.allclose(x.params[k], y.params[k], atol=tol, rtol=0), k
+        assert len(x.losses) == len(y.losses)
+        for p, q in zip(x.losses, y.losses):
+            assert p.keys() == q.keys()
+            for k in p:
+                assert abs(p[k] - q[k]) < tol
+
+
+@pytest.mark.parametrize("lambda_bn", [0.0, 0.1])
+def test_batched_five_step_equals_sequential(float64, lambda_bn):
+    teachers = _zoo()
+    learner = build_learner(5, width=8, rng=torch.Generator().manual_seed(3))
+    meta = MetaLearner(learner)
+    subsets = [None, None, None, None, [0, 2, 3, 5, 6], None, None]
+    assert sorted(map(len, bi.group_teachers(teachers))) == [1, 1, 1, 4]
+    seq, bat = (MetaGenerator(nz=16, ngf=8, samples_per_class=3, inner_steps=3, lambda_bn=lambda_bn,
+                              rng=torch.Generator().manual_seed(1)) for _ in range(2))
+    for it in range(2):   # two FIVE steps: the meta-update and the RNG streams stay in lockstep
+        adv = 0.0 if it == 0 else 1.0
+        a = seq.step(teachers, lambda_adv=adv, student=meta.student(), subsets=subsets)
+        b = bi.five_step(bat, teachers, lambda_adv=adv, student_model=learner, subsets=subsets)
+        _close(a, b, 1e-9)
+        for p, q in zip(seq.generator.parameters(), bat.generator.parameters()):
+            assert torch.allclose(p, q, atol=1e-9, rtol=0)
+    # the opaque student callable (per-teacher fallback) gives the same too
+    c = bi.five_step(bat, teachers, lambda_adv=1.0, student=meta.student(), subsets=subsets)
+    d = seq.step(teachers, lambda_adv=1.0, student=meta.student(), subsets=subsets)
+    _close(d, c, 1e-9)
+
+
+def test_batched_scratch_equals_sequential(float64):
+    teachers = _zoo()[:4]
+    kw = dict(nz=16, ngf=8, image_size=32, channels=3, steps=4, per_class=2)
+    g = torch.Generator().manual_seed(5)
+    a = [invert_from_scratch(t, rng=g, **kw) for t in teachers]
+    b = bi.scratch_inversions(teachers, rng=torch.Generator().manual_seed(5), **kw)
+    _close(a, b, 1e-9)
+
+
+def test_batched_float32_close_and_install_hook():
+    """float32, trained-like teachers: same results to float32 tolerance; ``install`` routes a
+    trainer-style call through the batched step."""
+    teachers = [_teacher(i) for i in range(4)]
+    seq, bat = (MetaGenerator(nz=16, ngf=8, samples_per_class=3, inner_steps=2,
+                              rng=torch.Generator().manual_seed(2)) for _ in range(2))
+    a = seq.step(teachers)
+
+    class _T:   # the two attributes install() uses
+        metagen = bat
+        learner = build_learner(5, width=8)
+
+    bi.install(_T)
+    b = bat.step(teachers, lambda_adv=0.0, student=None, subsets=None)
+    bi.uninstall(_T)
+    assert "step" not in bat.__dict__
+    for x, y in zip(a, b):
+        assert torch.allclose(x.images, y.images, atol=1e-4)
+
+
+def test_tiny_preset_end_to_end(tmp_path):
+    from benchmarks.report import PLOTS
+    from benchmarks.run import SECTIONS, main
+
+    out = tmp_path / "tiny"
+    rc = main(["--preset", "tiny", "--dataset", "synthetic", "--out", str(out)])
+    doc = json.loads((out / "results.json").read_text())
+    assert rc == 0, doc["job_errors"]
+    assert doc["preset"] == "tiny" and doc["seed"] == 0
+    m = doc["machine"]
+    assert m["torch"] == torch.__version__ and m["cpu"] and "gpu" in m
+    assert set(doc["sections"]) == set(SECTIONS)
+    acc = doc["sections"]["accuracy"]["methods"]
+    assert set(acc) == {"random", "average", "scratch", "free-noalign", "free", "oracle"}
+    for r in acc.values():
+        assert set(r["results"]) == {"1shot", "5shot"}
+        assert 0.0 <= r["results"]["1shot"]["mean"] <= 1.0
+        assert r["curve"]
+    rec = doc["sections"]["recovery"]
+    assert rec["models"] == 2 and set(rec["targets"]) == {"0.5", "0.8", "0.9"}
+    assert len(rec["curves"]["five"]) == 5 and len(rec["curves"]["scratch"]) == 9
+    assert [r["T"] for r in doc["sections"]["batched"]["rows"]] == [2, 4]
+    assert all(r["speedup"] > 0 for r in doc["sections"]["batched"]["rows"])
+    het = doc["sections"]["hetero"]
+    assert set(het) == {"arch", "domain"}
+    assert set(het["arch"]["zoo"]["mix"]) == {"conv4-w8@32px", "resnet10-w4@32px", "resnet18-w4@32px"}
+    assert set(het["domain"]["zoo"]["mix"]) == {"conv4-w8@32px", "conv4-w8@64px"}
+    for plan in het.values():
+        assert set(plan["methods"]) == {"random", "average", "free"}
+    sc = doc["sections"]["scaling"]
+    assert [r["size"] for r in sc["rows"]] == [4, 8, 16]
+    assert all(r["zoo_models"] == r["size"] and r["peak_rss_mb"] > 0 for r in sc["rows"])
+    assert doc["targets"]
+    md = (out / "results.md").read_text()
+    for needle in ("## 1. Accuracy", "## 2. Recovery speed", "## 3. Batched", "## 4. Heterogeneous",
+                   "## 5. Scaling", "free-noalign", "oracle", "scratch", "average", "random"):
+        assert needle in md
+    for name in PLOTS.values():
+        assert (out / name).stat().st_size > 1000, name
+    assert not (out / "work").exists()
