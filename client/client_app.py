@@ -27,13 +27,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from free_dfml.common.package import (MAX_PACKAGE_BYTES, ModelPackage, PackageError, atomic_write_bytes,
-                                      load_package, package_from_tensors)
+if TYPE_CHECKING:   # torch and the package code are imported where needed: the ack handler's
+    from free_dfml.common.package import ModelPackage   # process starts faster without them
+
+MAX_PACKAGE_BYTES = 256 * 1024 * 1024   # == common.package.MAX_PACKAGE_BYTES (checked in the tests)
 
 PROTOCOL = 1
 MODEL_KEY = "model"          # ArrayRecord: the weights
@@ -46,12 +49,13 @@ ACK_ACTION = "ack"           # message_type "query.ack"
 ERR_INVALID_PACKAGE = 100    # Error.code of a client-side refusal (our own range, above Flower's)
 
 
-def package_bytes(pkg: ModelPackage) -> int:
+def package_bytes(pkg: "ModelPackage") -> int:
     return sum(t.numel() * t.element_size() for t in pkg.state.values())
 
 
-def package_to_content(pkg: ModelPackage) -> RecordDict:
+def package_to_content(pkg: "ModelPackage") -> RecordDict:
     """The reply content for a package: only weights (ArrayRecord) and metadata (ConfigRecord)."""
+    from free_dfml.common.package import package_from_tensors
     checked = package_from_tensors(pkg.state, pkg.meta)     # validate before anything leaves
     arrays = ArrayRecord()
     for k in sorted(checked.state):
@@ -72,8 +76,9 @@ def _max_bytes(msg: Message) -> int:
         return MAX_PACKAGE_BYTES
 
 
-def reply_with_package(msg: Message, pkg_or_path: ModelPackage | str | os.PathLike) -> Message:
+def reply_with_package(msg: Message, pkg_or_path: "ModelPackage | str | os.PathLike") -> Message:
     """Validate the package locally and build the reply (or an error reply with the reason)."""
+    from free_dfml.common.package import ModelPackage, PackageError, load_package
     try:
         pkg = pkg_or_path if isinstance(pkg_or_path, ModelPackage) else load_package(pkg_or_path)
         limit = _max_bytes(msg)
@@ -85,6 +90,15 @@ def reply_with_package(msg: Message, pkg_or_path: ModelPackage | str | os.PathLi
         return _error_reply(msg, f"client refused to send its model: {e}")
 
 
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def write_ack(msg: Message, context: Context) -> Message:
     """Store the server's acknowledgement where ``free-client submit`` waits for it."""
     rec = msg.content.config_records.get("ack")
@@ -92,7 +106,7 @@ def write_ack(msg: Message, context: Context) -> Message:
     doc = {k: (v if isinstance(v, (bool, int, float, str)) else str(v)) for k, v in doc.items()}
     path = context.node_config.get("ack-path")
     if path:
-        atomic_write_bytes(Path(str(path)), json.dumps(doc, sort_keys=True).encode())
+        _atomic_write(Path(str(path)), json.dumps(doc, sort_keys=True).encode())
     return Message(RecordDict(), reply_to=msg)
 
 
@@ -182,7 +196,9 @@ def client_classes(partition: int, num_partitions: int, num_classes: int, per_cl
     return plan(num_classes, num_partitions, per_client, True, seed)[partition]
 
 
-def train_partition(settings: SimClientSettings, partition: int, num_partitions: int) -> ModelPackage:
+def train_partition(settings: SimClientSettings, partition: int, num_partitions: int) -> "ModelPackage":
+    import torch
+
     from free_dfml.client.train import TrainConfig, train_client
     from free_dfml.common.datasets import open_dataset
 
@@ -204,7 +220,7 @@ def train_partition(settings: SimClientSettings, partition: int, num_partitions:
 
 
 def make_client_app(settings: SimClientSettings,
-                    trainer: Callable[[SimClientSettings, int, int], ModelPackage] = train_partition) -> ClientApp:
+                    trainer: Callable[[SimClientSettings, int, int], "ModelPackage"] = train_partition) -> ClientApp:
     """A ClientApp for simulation: each virtual client trains on its own classes, then publishes."""
     sim_app = ClientApp()
 
@@ -212,6 +228,7 @@ def make_client_app(settings: SimClientSettings,
     def sim_query(msg: Message, context: Context) -> Message:
         if context.node_config.get("model-path"):
             return reply_with_package(msg, str(context.node_config["model-path"]))
+        from free_dfml.common.package import PackageError
         try:
             partition = int(context.node_config["partition-id"])
             num = int(context.node_config["num-partitions"])

@@ -1,0 +1,168 @@
+"""Bad input to free-client / free-server / free-sim: a clear ONE-LINE error and a non-zero exit.
+
+The commands run in-process through the same entry point as the console scripts
+(:func:`free_dfml.server.cli.run_cli`), plus a few real console-script runs.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def cli(capsys, which: str, *argv: str) -> tuple[int, str, str]:
+    from free_dfml.server.cli import run_cli
+    if which == "free-client":
+        from free_dfml.client.cli import app
+    elif which == "free-server":
+        from free_dfml.server.cli import app
+    else:
+        from free_dfml.server.sim_cli import app
+    code = run_cli(app, which, [str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(err: str, *needles: str) -> None:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one line, got: {err!r}"
+    assert "Traceback" not in err
+    assert lines[0].split(":")[0] in ("free-client", "free-server", "free-sim")
+    for n in needles:
+        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
+
+
+@pytest.fixture(scope="module")
+def good_package(tmp_path_factory):
+    from free_dfml.common.models import build_model
+    from free_dfml.common.package import make_package, save_package
+    net = build_model("conv4", num_classes=5, width=8)
+    pkg = make_package(net, arch="conv4", arch_kwargs={"width": 8}, num_classes=5, input_shape=(3, 32, 32),
+                       mean=(0.5,) * 3, std=(0.25,) * 3)
+    p = tmp_path_factory.mktemp("pkg") / "good.safetensors"
+    save_package(pkg, p)
+    return p
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda d, g: d / "missing.safetensors", "no such file"),
+    (lambda d, g: (d / "junk.safetensors", (d / "junk.safetensors").write_bytes(b"\x00" * 5))[0], "not a safetensors"),
+    (lambda d, g: (d / "cut.safetensors", (d / "cut.safetensors").write_bytes(g.read_bytes()[:3000]))[0], "corrupt"),
+    (lambda d, g: (d / "text.safetensors", (d / "text.safetensors").write_text("hello world, not a model"))[0],
+     "not a safetensors"),
+    (lambda d, g: d, "not a file"),
+])
+def test_inspect_bad_files(capsys, tmp_path, good_package, make, needle):
+    code, _, err = cli(capsys, "free-client", "inspect", make(tmp_path, good_package))
+    assert code == 1
+    one_line_error(err, "invalid package", needle)
+
+
+def test_inspect_good_file(capsys, good_package):
+    code, out, err = cli(capsys, "free-client", "inspect", good_package)
+    assert code == 0, err
+    assert "verdict     valid" in out and "conv4" in out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["submit", "--model", "MISSING", "--server", "127.0.0.1:9092"], "no such file"),
+    (["submit", "--model", "GOOD", "--server", "nohostport"], "HOST:PORT"),
+    (["submit", "--model", "GOOD", "--server", "127.0.0.1:99999"], "port"),
+    (["submit", "--model", "GOOD", "--server", "10.1.2.3:9092"], "without TLS"),
+    (["submit", "--model", "GOOD", "--server", "127.0.0.1:9092", "--timeout", "0"], "--timeout"),
+    (["submit", "--model", "GOOD", "--server", "127.0.0.1:9092", "--root-cert", "MISSING"], "no such file"),
+    (["submit", "--model", "GOOD"], "--server"),
+    (["submit", "--model", "GOOD", "--server", "127.0.0.1:9092", "--bogus"], "--bogus"),
+    (["train", "--data", "glyphs", "--classes", "0-4", "--arch", "vgg", "--out", "OUT"], "--arch"),
+    (["train", "--data", "glyphs", "--classes", "x", "--out", "OUT"], "--classes"),
+    (["train", "--data", "glyphs", "--classes", "3", "--out", "OUT"], "at least 2"),
+    (["train", "--data", "glyphs", "--classes", "0-4", "--out", "OUT", "--dp-epsilon", "-1"], "--dp-epsilon"),
+    (["train", "--data", "glyphs", "--classes", "0-4", "--out", "OUT", "--dp-delta", "0.5"], "--dp-epsilon"),
+    (["train", "--data", "glyphs", "--classes", "0-4", "--out", "OUT", "--epochs", "zero"], "epochs"),
+    (["train", "--data", "/nonexistent/dir", "--classes", "0-4", "--out", "OUT"], "nonexistent"),
+    (["train", "--data", "glyphs", "--classes", "0-4", "--out", "/nonexistent/dir/m.safetensors"], "does not exist"),
+    (["frobnicate"], "frobnicate"),
+])
+def test_client_bad_input(capsys, tmp_path, good_package, argv, needle):
+    argv = [a.replace("MISSING", str(tmp_path / "missing.pem")).replace("GOOD", str(good_package))
+             .replace("OUT", str(tmp_path / "out.safetensors")) for a in argv]
+    code, _, err = cli(capsys, "free-client", *argv)
+    assert code != 0
+    one_line_error(err, needle)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["start", "--address", "0.0.0.0:9092"], "without TLS"),
+    (["start", "--address", "192.168.1.5:9092"], "without TLS"),
+    (["start", "--address", "localhost"], "HOST:PORT"),
+    (["start", "--tls-cert", "MISSING"], "--tls-key"),
+    (["start", "--tls-cert", "MISSING", "--tls-key", "MISSING", "--tls-ca", "MISSING"], "no such file"),
+    (["start", "--device", "tpu"], "--device"),
+    (["start", "--preset", "huge"], "preset"),
+    (["start", "--config", "MISSING"], "no such config file"),
+    (["status", "--state", "NOSTATE"], "no state folder"),
+    (["stop", "--state", "NOSTATE"], "no state folder"),
+    (["export", "--state", "EMPTYSTATE", "--out", "OUT"], "no training checkpoint"),
+    (["evaluate", "--state", "EMPTYSTATE"], "--data"),
+    (["evaluate", "--state", "EMPTYSTATE", "--data", "glyphs", "--way", "1"], "--way"),
+    (["start", "--bogus"], "--bogus"),
+])
+def test_server_bad_input(capsys, tmp_path, argv, needle):
+    (tmp_path / "empty").mkdir()
+    argv = [a.replace("MISSING", str(tmp_path / "missing")).replace("NOSTATE", str(tmp_path / "nostate"))
+             .replace("EMPTYSTATE", str(tmp_path / "empty")).replace("OUT", str(tmp_path / "out.safetensors"))
+            for a in argv]
+    if argv[0] == "start":
+        argv += ["--state", str(tmp_path / "state")]
+    code, _, err = cli(capsys, "free-server", *argv)
+    assert code != 0
+    one_line_error(err, needle)
+
+
+def test_server_bad_config_file(capsys, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("preset = [unclosed\n")
+    code, _, err = cli(capsys, "free-server", "start", "--state", tmp_path / "s", "--config", bad)
+    assert code != 0
+    one_line_error(err, "cannot be parsed")
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text('colour = "blue"\n')
+    code, _, err = cli(capsys, "free-server", "start", "--state", tmp_path / "s", "--config", unknown)
+    assert code != 0
+    one_line_error(err, "unknown setting")
+    badfree = tmp_path / "badfree.toml"
+    badfree.write_text('[free]\ninversion = "magic"\n')
+    code, _, err = cli(capsys, "free-server", "start", "--state", tmp_path / "s", "--config", badfree)
+    assert code != 0
+    one_line_error(err, "inversion")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["run", "--arch", "vgg"], "--arch"),
+    (["run", "--preset", "huge"], "--preset"),
+    (["run", "--clients", "0"], "--clients"),
+    (["run", "--dp-epsilon", "0"], "--dp-epsilon"),
+])
+def test_sim_bad_input(capsys, argv, needle):
+    code, _, err = cli(capsys, "free-sim", *argv)
+    assert code != 0
+    one_line_error(err, needle)
+
+
+@pytest.mark.parametrize("cmd", [
+    ["free-client", "inspect", "/nonexistent/model.safetensors"],
+    ["free-client", "submit", "--model", "/nonexistent/model.safetensors", "--server", "127.0.0.1:1"],
+    ["free-server", "status", "--state", "/nonexistent/state"],
+    ["free-server", "start", "--address", "8.8.8.8:9092", "--state", "/tmp/never-created-state"],
+    ["free-sim", "run", "--arch", "nope"],
+])
+def test_console_scripts_one_line(cmd):
+    r = subprocess.run([str(BIN / cmd[0]), *cmd[1:]], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    one_line_error(r.stderr)
+    assert not Path("/tmp/never-created-state").exists()
