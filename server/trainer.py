@@ -129,9 +129,10 @@ class FreeConfig:
         """``paper``: the published settings. ``quick``: a CPU run of minutes. ``tiny``: tests (seconds)."""
         presets: dict[str, dict[str, Any]] = {
             "paper": {},
+            # inner_lr 0.1: chosen on glyph meta-val (see docs/algorithm.md, "Inner learning rate")
             "quick": dict(ngf=16, nz=64, samples_per_class=10, warmup=5, iterations=60,
                           max_replay_batches=5, patience=3, meta_batch=4, replay_query=5,
-                          bank_capacity=100, learner_width=32, checkpoint_every=20),
+                          bank_capacity=100, learner_width=32, checkpoint_every=20, inner_lr=0.1),
             "tiny": dict(ngf=8, nz=16, samples_per_class=4, teachers_per_iter=2, inner_steps=2,
                          warmup=1, iterations=4, max_replay_batches=2, patience=2, meta_batch=2,
                          replay_query=2, bank_capacity=16, learner_width=8, checkpoint_every=2),
@@ -330,8 +331,13 @@ class FreeTrainer:
             if set(diff) - allowed:
                 raise ValueError(f"checkpoint config differs in {', '.join(diff)}; "
                                  "use the same config (or a fresh state_dir)")
+        # load into the existing objects (hooks installed on them, e.g. batched inversion, survive)
         self.norm = (tuple(meta["norm"][0]), tuple(meta["norm"][1]))
-        self._build(torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            self.learner.mean.copy_(torch.tensor(self.norm[0]).view_as(self.learner.mean))
+            self.learner.std.copy_(torch.tensor(self.norm[1]).view_as(self.learner.std))
+        self.bank = MemoryBank(self.cfg.bank_capacity, (self.cfg.channels, self.cfg.image_size,
+                                                         self.cfg.image_size))
         self.learner.load_state_dict(ckpt.unprefixed(tensors, "learner"))
         self.metagen.generator.load_state_dict(ckpt.unprefixed(tensors, "generator"))
         ckpt.load_optimizer(self.metagen.optimizer, "generator", tensors, meta["optimizers"]["generator"])

@@ -272,3 +272,25 @@ def test_config_round_trip_and_presets():
                                                                                  20, 10, 5, 10)
     with pytest.raises(ValueError, match="unknown FreeConfig key"):
         FreeConfig.from_dict({"nope": 1})
+
+
+def test_run_stops_on_event_checkpoints_and_exports(tmp_path, tiny_zoo):
+    import threading
+
+    from free_dfml.common.package import package_from_bytes
+    stop = threading.Event()
+    tr = FreeTrainer(tiny_zoo, FreeConfig.preset("tiny", checkpoint_every=0), state_dir=tmp_path,
+                     device="cpu")
+    tr.run(10, progress=False, stop=stop, on_metrics=lambda m: stop.set())
+    assert tr.iteration == 1 and (tmp_path / "checkpoint.safetensors").is_file()
+    pkg = package_from_bytes(tr.export().to_bytes())
+    assert pkg.meta.num_classes == 5 and pkg.meta.training["iteration"] == 1
+    assert pkg.meta.training["inner_lr"] == tr.cfg.inner_lr
+    x = torch.rand(5, 3, 32, 32)
+    assert pkg.build()(x).shape == (5, 5)
+    # images of a model that is not in the bank yet: inverted on demand, training stream untouched
+    state = tr.rng.get_state().clone(), tr.gen_rng.get_state().clone()
+    missing = [m for m in tiny_zoo.ids() if m not in tr.bank.models()]
+    imgs = tr.recovered_images(missing[0] if missing else tiny_zoo.ids()[0], per_class=2)
+    assert imgs.shape[1:] == (3, 32, 32) and len(imgs) >= 2
+    assert torch.equal(state[0], tr.rng.get_state()) and torch.equal(state[1], tr.gen_rng.get_state())
