@@ -465,6 +465,9 @@ def status(state_dir: Path = STATE_OPT,
     rec = state.read_server() or {}
     pid = state.running_pid()
     doc = {**st, "running": bool(pid), "server": rec}
+    ev_file = read_json(state.root / "last_evaluation.json")
+    if ev_file and (not doc.get("last_evaluation") or ev_file.get("time", 0) > doc["last_evaluation"].get("time", 0)):
+        doc["last_evaluation"] = ev_file
     if as_json:
         print(json.dumps(doc, indent=2, sort_keys=True, default=str))
         return
@@ -488,6 +491,9 @@ def status(state_dir: Path = STATE_OPT,
         if ck:
             print(f"checkpoint iteration {ck.get('iteration')}")
         ev = st.get("last_evaluation")
+        ev_file = read_json(state.root / "last_evaluation.json")
+        if ev_file and (not ev or ev_file.get("time", 0) > ev.get("time", 0)):
+            ev = ev_file
         if ev:
             print(f"evaluation {json.dumps({k: v for k, v in ev.items() if k != 'time'}, default=str)}")
     else:
