@@ -4,9 +4,10 @@ For T same-architecture teachers (random-init Conv4 of ``batched_width``; timing
 what the weights are), two meta-generators start from the same seed; one runs
 ``MetaGenerator.step`` (a Python loop over teachers), the other
 ``batched_inversion.five_step`` (vmap over stacked teachers and generator copies), on the same
-teachers, with the adversarial term against a meta-learner as in training. Both are timed
-(median of ``batched_repeats`` after a warm-up) and their outputs compared: the largest absolute
-difference of the recovered images, of the last-step gradients and of the meta-updated generator.
+teachers, with the adversarial term against a meta-learner as in training. The first step, from
+identical states, is compared (largest absolute difference of the recovered images, of the
+last-step gradients and of the meta-updated generator); the next ``batched_repeats`` steps are
+timed (median). The same comparison is repeated in float64 for 4 teachers.
 The speed-up is sequential time / batched time, measured in the same process, same run.
 
 In float64 the two agree to ~1e-14 (tests/test_benchmarks.py). In float32 they may differ more
@@ -47,7 +48,8 @@ def _diff(a, b) -> dict:
     img = max(float((x.images - y.images).abs().max()) for x, y in zip(a, b))
     grad = max(float((x.last_grads[k] - y.last_grads[k]).abs().max()) for x, y in zip(a, b)
                for k in x.last_grads)
-    return {"images": img, "last_grads": grad}
+    scale = max(float(x.last_grads[k].abs().max()) for x in a for k in x.last_grads)
+    return {"images": img, "last_grads": grad, "last_grads_scale": scale}
 
 
 def run(ctx: Ctx, deps: dict) -> dict:
@@ -72,46 +74,69 @@ def run(ctx: Ctx, deps: dict) -> dict:
                              rng=torch.Generator().manual_seed(p.seed + 1), device=device)
 
     rows = []
-    warmed = False
     for T in p.batched_T:
         teachers = _teachers(T, p.batched_width, cfg, device, p.seed)
         seq_mg, bat_mg = make_mg(), make_mg()
-        if not warmed:   # first-call costs (allocator, kernels) out of the timings
-            seq_mg.step(teachers[:2], lambda_adv=1.0, student=student())
-            five_step(bat_mg, teachers[:2], lambda_adv=1.0, student_model=learner)
-            warmed = True
-        t_seq, t_bat, diffs = [], [], []
+        # step 0, from identical states: the comparison (and the warm-up for this T's shapes)
+        a = seq_mg.step(teachers, lambda_adv=1.0, student=student())
+        b = five_step(bat_mg, teachers, lambda_adv=1.0, student_model=learner)
+        diff = _diff(a, b)
+        diff["generator"] = max(float((x.detach() - y.detach()).abs().max()) for x, y in
+                                zip(seq_mg.generator.parameters(), bat_mg.generator.parameters()))
+        del a, b
+        t_seq, t_bat = [], []
         rss_seq = rss_bat = None
         for _ in range(max(1, p.batched_repeats)):
             reset_peak_rss()
             sync(device)
             t0 = time.perf_counter()
-            a = seq_mg.step(teachers, lambda_adv=1.0, student=student())
+            seq_mg.step(teachers, lambda_adv=1.0, student=student())
             sync(device)
             t_seq.append(time.perf_counter() - t0)
             rss_seq = peak_rss_mb()
             reset_peak_rss()
             t0 = time.perf_counter()
-            b = five_step(bat_mg, teachers, lambda_adv=1.0, student_model=learner)
+            five_step(bat_mg, teachers, lambda_adv=1.0, student_model=learner)
             sync(device)
             t_bat.append(time.perf_counter() - t0)
             rss_bat = peak_rss_mb()
-            d = _diff(a, b)
-            d["generator"] = max(float((x.detach() - y.detach()).abs().max()) for x, y in
-                                 zip(seq_mg.generator.parameters(), bat_mg.generator.parameters()))
-            diffs.append(d)
         ms, mb = statistics.median(t_seq), statistics.median(t_bat)
         row = {"T": T, "sequential_s": round(ms, 4), "batched_s": round(mb, 4),
-               "speedup": round(ms / mb, 3), "max_abs_diff": {k: max(d[k] for d in diffs) for k in diffs[0]},
+               "speedup": round(ms / mb, 3), "max_abs_diff": diff,
                "sequential_peak_rss_mb": round(rss_seq, 1) if rss_seq else None,
                "batched_peak_rss_mb": round(rss_bat, 1) if rss_bat else None}
         if device.type == "cuda":
             row["gpu_peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
         rows.append(row)
         del teachers, seq_mg, bat_mg
-    return {"rows": rows, "device": str(device), "teacher": f"conv4 width {p.batched_width}",
+    f64 = _float64_check(p, cfg, device)
+    return {"rows": rows, "float64_max_abs_diff": f64, "device": str(device), "teacher": f"conv4 width {p.batched_width}",
             "images_per_teacher": cfg.way * cfg.samples_per_class, "inner_steps": cfg.inner_steps,
             "generator": {"nz": cfg.nz, "ngf": cfg.ngf}, "threads": torch.get_num_threads()}
+
+
+def _float64_check(p, cfg, device) -> dict:
+    """The same comparison in float64 (4 teachers, one FIVE step with L_adv): rounding-level agreement."""
+    from free_dfml.server.batched_inversion import five_step
+    from free_dfml.server.meta_generator import MetaGenerator
+    from free_dfml.server.meta_learner import MetaLearner, build_learner
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        teachers = _teachers(4, p.batched_width, cfg, device, p.seed + 7)
+        learner = build_learner(cfg.way, width=cfg.learner_width, image_size=cfg.image_size,
+                                channels=cfg.channels, rng=torch.Generator().manual_seed(p.seed)).to(device)
+        mgs = [MetaGenerator(nz=cfg.nz, ngf=cfg.ngf, image_size=cfg.image_size, channels=cfg.channels,
+                             inner_steps=cfg.inner_steps, samples_per_class=min(4, cfg.samples_per_class),
+                             rng=torch.Generator().manual_seed(p.seed + 1), device=device) for _ in range(2)]
+        a = mgs[0].step(teachers, lambda_adv=1.0, student=MetaLearner(learner, device=device).student())
+        b = five_step(mgs[1], teachers, lambda_adv=1.0, student_model=learner)
+        d = _diff(a, b)
+        d["generator"] = max(float((x.detach() - y.detach()).abs().max()) for x, y in
+                             zip(mgs[0].generator.parameters(), mgs[1].generator.parameters()))
+        return d
+    finally:
+        torch.set_default_dtype(old)
 
 
 def jobs(p) -> list[Job]:

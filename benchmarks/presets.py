@@ -33,7 +33,7 @@ class Preset:
     # FREE and every method trained on the zoo --------------------------------------------------
     free_preset: str = "quick"         # FreeConfig.preset name, then the overrides below
     free: dict[str, Any] = field(default_factory=dict)
-    iterations: int = 40
+    iterations: int = 30
     scratch_steps: int = 100           # steps of a fresh generator per model (scratch baseline)
     oracle_batches: int | None = None  # MAML meta-batches on real data; None: iterations * max_replay_batches
     batched_inversion: bool = False    # run FIVE / scratch inversion through server/batched_inversion
@@ -45,8 +45,8 @@ class Preset:
     eval_seed: int = 0
     # recovery speed ----------------------------------------------------------------------------
     recovery_models: int = 4           # held-out models probed
-    recovery_five_steps: int = 40      # FIVE (meta-initialised) steps recorded
-    recovery_scratch_steps: int = 400  # scratch steps recorded
+    recovery_five_steps: int = 30      # FIVE (meta-initialised) steps recorded
+    recovery_scratch_steps: int = 200  # scratch steps recorded
     recovery_confidence: float = 0.9   # an image "agrees" when the teacher gives its target >= this
     recovery_targets: tuple[float, ...] = (0.5, 0.8, 0.9)
     # batched inversion ---------------------------------------------------------------------------
@@ -59,7 +59,7 @@ class Preset:
     hetero_archs: tuple[str, ...] = ("conv4", "resnet10", "resnet18")
     hetero_widths: tuple[int, ...] = (16, 8, 8)
     hetero_image_sizes: tuple[int, ...] = (32, 64)   # the domain zoo mixes these input sizes
-    hetero_iterations: int = 40
+    hetero_iterations: int = 30
     hetero_eval_shots: tuple[int, ...] = (1,)
     hetero_methods: tuple[str, ...] = ("random", "average", "free")
     # scaling -------------------------------------------------------------------------------------

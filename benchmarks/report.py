@@ -52,9 +52,11 @@ def targets(doc: dict) -> list[dict]:
                 out.append({"target": f"batched inversion speed-up at T=16 ({bat.get('device')})",
                             "goal": ">= 3x on GPU" if gpu else ">= 3x on GPU (CPU: reported only)",
                             "measured": row["speedup"], "met": (row["speedup"] >= 3) if gpu else None})
-        worst = max((max(r["max_abs_diff"].values()) for r in bat.get("rows", [])), default=None)
-        out.append({"target": "batched == sequential (max abs difference, float32, one FIVE step)",
-                    "goal": "float tolerance (exact in float64: tests)", "measured": worst, "met": None})
+        f64 = bat.get("float64_max_abs_diff") or {}
+        worst = max((f64.get(k, 0.0) for k in ("images", "last_grads", "generator")), default=None)
+        out.append({"target": "batched == sequential, float64, one FIVE step (max abs difference)",
+                    "goal": "rounding level (< 1e-9)", "measured": worst,
+                    "met": None if worst is None else worst < 1e-9})
     sc = s.get("scaling") or {}
     if sc and "error" not in sc:
         val = sc.get("peak_ratio_largest_vs_smallest")
@@ -157,6 +159,13 @@ def markdown(doc: dict) -> str:
                 L.append(f"| {r['T']} | {r['sequential_s']:.3f} | {r['batched_s']:.3f} | {r['speedup']:.2f}x | "
                          f"{d['images']:.2e} | {d['last_grads']:.2e} | {_f(r.get('sequential_peak_rss_mb'), 0)} / "
                          f"{_f(r.get('batched_peak_rss_mb'), 0)} |")
+            f64 = bat.get("float64_max_abs_diff")
+            if f64:
+                L += ["", f"float64, 4 teachers, one step: max abs difference images {f64['images']:.1e}, "
+                      f"gradients {f64['last_grads']:.1e}, meta-updated generator {f64['generator']:.1e}. "
+                      "float32 differences above that come from exact ties (max-pool windows over saturated "
+                      "sigmoid pixels) and argmax flips in L_adv's agreement mask, which the two code paths "
+                      "break differently; both results are valid."]
             L.append("")
             if (Path(doc["out"]) / PLOTS["batched"]).exists():
                 L += [f"![batched speed-up]({PLOTS['batched']})", ""]
