@@ -96,6 +96,10 @@ def child(size: int, root: str, preset: dict, device: str, threads: int) -> dict
            "peak_rss_mb": round(max(peak_ingest, peak_train), 1), "peak_reset": reset_ok,
            "teacher_loads": loads["n"], "teacher_cache": p.scaling_cache, "teachers_cached": zoo.cached(),
            "bank_keys": len(trainer.bank.keys()), "bank_mb": round(bank_bytes / 2 ** 20, 2),
+           # the bank preallocates one ring of bank_capacity images per (model, class) key it has seen:
+           # what it would hold once every model of the zoo has been visited
+           "bank_mb_all_models_visited": round(size * 5 * cfg.bank_capacity * c * p.image_size ** 2
+                                               * (1 if cfg.bank_dtype == "uint8" else 2) / 2 ** 20, 1),
            "disk_mb": round(sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file()) / 2 ** 20, 2)}
     if device.startswith("cuda"):
         out["gpu_peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
