@@ -99,24 +99,28 @@ def test_batched_scratch_equals_sequential(float64):
     _close(a, b, 1e-9)
 
 
-def test_batched_float32_close_and_install_hook():
-    """float32, trained-like teachers: same results to float32 tolerance; ``install`` routes a
-    trainer-style call through the batched step."""
+def test_install_hook_routes_trainer_steps_through_batched(float64, monkeypatch):
+    """``install`` makes a trainer's ``metagen.step(...)`` call the batched step (same results)."""
     teachers = [_teacher(i) for i in range(4)]
+    learner = build_learner(5, width=8, rng=torch.Generator().manual_seed(4))
+    meta = MetaLearner(learner)
     seq, bat = (MetaGenerator(nz=16, ngf=8, samples_per_class=3, inner_steps=2,
                               rng=torch.Generator().manual_seed(2)) for _ in range(2))
-    a = seq.step(teachers)
+    a = seq.step(teachers, lambda_adv=1.0, student=meta.student())
 
-    class _T:   # the two attributes install() uses
+    class _Trainer:   # the two attributes install() uses
         metagen = bat
-        learner = build_learner(5, width=8)
 
-    bi.install(_T)
-    b = bat.step(teachers, lambda_adv=0.0, student=None, subsets=None)
-    bi.uninstall(_T)
+    _Trainer.learner = learner
+    calls = []
+    real = bi.five_step
+    monkeypatch.setattr(bi, "five_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    bi.install(_Trainer)
+    b = bat.step(teachers, lambda_adv=1.0, student=meta.student(), subsets=None)
+    assert calls == [1]
+    _close(a, b, 1e-9)
+    bi.uninstall(_Trainer)
     assert "step" not in bat.__dict__
-    for x, y in zip(a, b):
-        assert torch.allclose(x.images, y.images, atol=1e-4)
 
 
 def test_tiny_preset_end_to_end(tmp_path):
