@@ -82,6 +82,7 @@ def markdown(doc: dict) -> str:
           f"python {m.get('python')}",
           f"- workers: {doc['settings']['workers']} process(es) x {doc['settings']['threads_per_worker'] or 'default'} "
           "torch thread(s)",
+          f"- load average (1/5/15 min) at start {m.get('load_average_start')}, at end {m.get('load_average_end')}",
           f"- seed {doc['seed']}, data `{doc['settings']['dataset']}` at {doc['settings']['image_size']} px; "
           f"started {doc['started']}, wall time {doc['wall_s']:.0f} s", ""]
     tg = doc.get("targets") or []

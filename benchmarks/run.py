@@ -63,6 +63,7 @@ def run(preset: str = "quick", *, out: str | Path | None = None, device: str = "
     if p.workers <= 0:
         set_threads(p.threads_per_worker)
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    load_start = _loadavg()
     t0 = time.perf_counter()
     ctx = Ctx(preset=p, out=str(out), work=str(work), device=str(dev))
     jobs = _jobs_for(sections, p)
@@ -71,6 +72,8 @@ def run(preset: str = "quick", *, out: str | Path | None = None, device: str = "
     wall = time.perf_counter() - t0
     machine = machine_info(dev)
     machine["torch_threads"] = p.threads_per_worker or machine["torch_threads"]
+    machine["load_average_start"] = load_start     # other work on the machine during the run
+    machine["load_average_end"] = _loadavg()
     doc: dict[str, Any] = {
         "preset": preset, "seed": p.seed, "settings": p.to_dict(), "machine": machine,
         "command": command or "benchmarks.run.run(" + repr(preset) + ")", "started": started,
@@ -88,6 +91,14 @@ def run(preset: str = "quick", *, out: str | Path | None = None, device: str = "
         shutil.rmtree(work, ignore_errors=True)
     log(f"[bench] done in {wall:.0f} s: {out / 'results.md'}")
     return doc
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        import os
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
 
 
 def _json_default(o: Any) -> Any:
