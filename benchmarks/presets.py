@@ -97,7 +97,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(),
     # paper-size: 100 models, Conv4-64 learner and teachers, 1000 iterations, 200 scratch steps (GPU)
     "full": dict(workers=1, threads_per_worker=0, clients=100, heldout_clients=10, client_width=64,
-                 client_epochs=60, free_preset="paper", iterations=1000, scratch_steps=200,
+                 client_epochs=60, free_preset="paper", iterations=1000, scratch_steps=200, oracle_batches=10000,
                  track_every=100, track_episodes=200, recovery_models=10, recovery_five_steps=50,
                  recovery_scratch_steps=1000, batched_width=64, batched_repeats=3,
                  batched_samples_per_class=None, hetero_methods=("random", "average", "free-noalign", "free"),
