@@ -209,6 +209,7 @@ def summarize(outcomes: dict, p) -> dict:
         if o.ok:
             r = dict(o.result)
             r.pop("config", None)
+            r.pop("generator_path", None)   # lives in the run's work folder, deleted at the end
             r["label"] = LABELS[m]
             sec["methods"][m] = r
         else:

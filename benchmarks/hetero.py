@@ -71,6 +71,7 @@ def summarize(outcomes: dict, p) -> dict:
             if o.ok:
                 r = dict(o.result)
                 r.pop("config", None)
+                r.pop("generator_path", None)
                 entry["methods"][m] = r
             else:
                 entry["errors"][m] = o.error

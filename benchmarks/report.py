@@ -103,17 +103,18 @@ def markdown(doc: dict) -> str:
               f"class, 10 adaptation steps, same inner lr and same episodes (seed {p.get('eval_seed')}) for every "
               f"method; mean ± 95% interval. Zoo: {z.get('models')} Conv4 client models over {z.get('classes')} "
               f"meta-train classes (mean client held-out accuracy {_f(z.get('mean_client_holdout_accuracy'), 3)}).",
-              "", "| method | 5-way 1-shot (%) | 5-way 5-shot (%) | train s | eval s | inversion s |",
-              "|---|---|---|---|---|---|"]
+              "", "| method | 5-way 1-shot (%) | 5-way 5-shot (%) | train s | eval s | inversion s | replay meta-batches |",
+              "|---|---|---|---|---|---|---|"]
         for name in METHODS:
             r = acc["methods"].get(name)
             if r is None:
                 if name in acc.get("errors", {}):
-                    L.append(f"| {name} | failed | failed | | | |")
+                    L.append(f"| {name} | failed | failed | | | | |")
                 continue
             res = r["results"]
             L.append(f"| {name} | {_pct(res.get('1shot'))} | {_pct(res.get('5shot'))} | {r['train_s']:.1f} | "
-                     f"{r['eval_s']:.1f} | {_f(r.get('inversion_s'), 1)} |")
+                     f"{r['eval_s']:.1f} | {_f(r.get('inversion_s'), 1)} | "
+                     f"{_f(r.get('replay_batches', r.get('meta_batches')))} |")
         L += ["", "Methods: " + "; ".join(f"`{k}`: {v}" for k, v in LABELS.items()) + ".", ""]
         if (Path(doc["out"]) / PLOTS["accuracy"]).exists():
             L += [f"![accuracy vs iterations]({PLOTS['accuracy']})", ""]
