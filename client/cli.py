@@ -3,6 +3,7 @@
     free-client train   --data glyphs|DIR|cifar-fs:PATH --classes 0-4 --arch conv4|resnet10|resnet18 --out FILE
                         [--dp-epsilon E --dp-delta D --max-grad-norm C] [--epochs N] [--seed S] ...
     free-client inspect FILE [--json]
+    free-client keygen  --out KEY          (for servers with node authentication)
     free-client submit  --model FILE --server HOST:PORT [--root-cert CA] [--insecure] [--timeout S]
 
 Only the model package (weights + metadata) ever leaves the machine. ``submit`` validates the
@@ -160,6 +161,27 @@ def inspect(file: Path = typer.Argument(..., help="a model package (.safetensors
     print("verdict     valid")
 
 
+@app.command()
+def keygen(out: Path = typer.Option(..., "--out", help="private key file; the public key goes to OUT.pub")) -> None:
+    """Make a SuperNode key pair (ECDSA P-384, OpenSSH format) for servers with node authentication."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    pub = out.with_name(out.name + ".pub")
+    if out.exists() or pub.exists():
+        raise CliError(f"{out} or {pub} exists already; not overwriting")
+    if not out.parent.is_dir():
+        raise CliError(f"folder of --out does not exist: {out.parent}")
+    key = ec.generate_private_key(ec.SECP384R1())
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                  serialization.NoEncryption()))
+    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                  serialization.PublicFormat.OpenSSH) + b"\n")
+    print(f"wrote {out} (private: keep it) and {pub} (give it to the server operator: "
+          f"free-server register-node --key {pub.name})")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -234,8 +256,10 @@ def submit(
                         pass
                 if proc.poll() is not None:
                     tail = _last_error(log_path)
+                    hint = (" (a server with node authentication accepts only registered keys: "
+                            "--auth-key, free-server register-node)" if "Exit Code: 305" in tail else "")
                     raise CliError(f"flower-supernode exited with code {proc.returncode}"
-                                   + (f": {tail}" if tail else ""), 1)
+                                   + (f": {tail}" if tail else "") + hint, 1)
                 time.sleep(0.2)
         finally:
             kids = descendants(proc.pid)
@@ -266,9 +290,12 @@ def _last_error(path: Path) -> str:
         lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
     except OSError:
         return ""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln) for ln in lines]
+    for i, ln in enumerate(lines):     # Flower's exit report: "ERROR : Exit Code: N" + an explanation line
+        if "Exit Code:" in ln and i + 1 < len(lines):
+            return f"{ln.split('ERROR')[-1].strip(' :')}: {lines[i + 1]}"[:300]
     errs = [ln for ln in lines if "ERROR" in ln or "Error" in ln]
-    line = (errs or lines or [""])[-1]
-    return re.sub(r"\x1b\[[0-9;]*m", "", line)[:300]
+    return (errs or lines or [""])[-1][:300]
 
 
 def _exe(name: str) -> str:

@@ -7,6 +7,7 @@
     free-server stop     [--state DIR] [--timeout S]
     free-server evaluate [--state DIR] --data glyphs|DIR|cifar-fs:PATH [--way 5] [--shot 1] [--episodes N]
     free-server export   [--state DIR] --out FILE
+    free-server register-node [--state DIR] --key CLIENT.pub [--name NAME]   (with start --node-auth)
 
 ``start`` runs in the foreground (``--detach``: in the background, returning once the server is
 up): it starts ``flower-superlink`` with its database in the state folder, submits the FREE
@@ -291,6 +292,8 @@ def start(
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="checkpoint every N iterations"),
     min_models: Optional[int] = typer.Option(None, "--min-models", help="models in the zoo before training starts"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads for training"),
+    node_auth: bool = typer.Option(False, "--node-auth",
+                                   help="accept only SuperNodes whose public key was registered (register-node)"),
     detach: bool = typer.Option(False, "--detach", help="run in the background; return once the server is up"),
     startup_timeout: float = typer.Option(60.0, "--startup-timeout", help="seconds to wait for the server to come up"),
 ) -> None:
@@ -306,6 +309,8 @@ def start(
             raise CliError(f"no such file: {p}")
     if all(tls) and insecure:
         raise CliError("--insecure conflicts with the --tls-* options")
+    if node_auth and not all(tls):
+        raise CliError("--node-auth needs TLS (--tls-cert/--tls-key/--tls-ca)")
     if not all(tls) and not is_loopback(host) and not insecure:
         raise CliError(f"refusing to serve {host} without TLS: give --tls-cert/--tls-key/--tls-ca "
                        "(or --insecure if you really mean it)")
@@ -325,7 +330,8 @@ def start(
         return
     state.create()
     settings.supervisor_pid = os.getpid()
-    _serve(state, settings, host, port, [Path(p).resolve() if p else None for p in tls], startup_timeout)
+    _serve(state, settings, host, port, [Path(p).resolve() if p else None for p in tls], startup_timeout,
+           node_auth=node_auth)
 
 
 def _start_detached(state: StateDir, timeout: float) -> None:
@@ -349,7 +355,8 @@ def _start_detached(state: StateDir, timeout: float) -> None:
     raise CliError(f"server did not come up within {timeout:.0f} s (see {state.logs_dir / 'server.out'})", 1)
 
 
-def _serve(state: StateDir, settings, host: str, port: int, tls: list[Path | None], timeout: float) -> None:
+def _serve(state: StateDir, settings, host: str, port: int, tls: list[Path | None], timeout: float,
+           node_auth: bool = False) -> None:
     stop = {"sig": None}
 
     def on_signal(signum, _frame):
@@ -372,9 +379,12 @@ def _serve(state: StateDir, settings, host: str, port: int, tls: list[Path | Non
         cmd += ["--ssl-certfile", str(tls[0]), "--ssl-keyfile", str(tls[1]), "--ssl-ca-certfile", str(tls[2])]
     else:
         cmd += ["--insecure"]
+    if node_auth:
+        cmd += ["--enable-supernode-auth"]
     sl_log = open(state.logs_dir / "superlink.log", "ab")
     started = time.time()
     record: dict[str, Any] = {"pid": os.getpid(), "address": f"{host}:{port}", "tls": bool(all(tls)),
+                              "node_auth": bool(node_auth),
                               "state": str(state.root), "started_at": started, "phase": "starting"}
     superlink = subprocess.Popen(cmd, stdout=sl_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     record["superlink_pid"] = superlink.pid
@@ -518,6 +528,32 @@ def stop(state_dir: Path = STATE_OPT,
     st = state.read_status() or {}
     print(f"FREE server stopped: {st.get('models', {}).get('in_zoo', 0)} model(s) in the zoo, "
           f"training iteration {st.get('training', {}).get('iteration', 0)}")
+
+
+@app.command("register-node")
+def register_node(state_dir: Path = STATE_OPT,
+                  key: Path = typer.Option(..., "--key", help="the client's public key (OpenSSH ECDSA, from free-client keygen)"),
+                  name: Optional[str] = typer.Option(None, "--name", help="a name for the node")) -> None:
+    """Allow a client's SuperNode to connect (the server must run with --node-auth)."""
+    state = _existing_state(state_dir)
+    if not key.is_file():
+        raise CliError(f"no such file: {key}")
+    if not state.running_pid():
+        raise CliError(f"no server is running on {state.root}", 1)
+    if not (state.read_server() or {}).get("node_auth"):
+        raise CliError("the server was not started with --node-auth", 1)
+    cmd = [_exe("flwr"), "supernode", "register", str(key.resolve()), "free-server", "--format", "json"]
+    if name:
+        cmd += ["--name", name]
+    r = subprocess.run(cmd, env=_venv_env({"FLWR_HOME": str(state.flwr_home)}), capture_output=True, text=True,
+                       timeout=60)
+    out = (r.stdout + r.stderr).strip()
+    m = re.search(r'"node-id"\s*:\s*"?(\d+)', out)
+    if r.returncode != 0 or not m:
+        msg = re.sub(r"[\u2500-\u257f]", "", out)
+        msg = " ".join(msg.split())[:300] or "no output"
+        raise CliError(f"registration failed: {msg}", 1)
+    print(f"registered {key} as node {m.group(1)}")
 
 
 def _existing_state(state_dir: Path) -> StateDir:

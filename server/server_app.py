@@ -28,7 +28,6 @@ import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np

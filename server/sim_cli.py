@@ -161,7 +161,8 @@ def run_sim(cfg: SimConfig, *, progress: bool = True) -> dict:
 
     with open(out / "metrics.jsonl", "w", encoding="utf-8") as f:
         for s in subs:
-            f.write(json.dumps({"event": "submission", **s}) + "\n")
+            f.write(json.dumps({"event": "submission", "outcome": s.get("event"),
+                                **{k: v for k, v in s.items() if k != "event"}}) + "\n")
         for m in trainer.history:
             f.write(json.dumps({"event": "iteration", **m}) + "\n")
         for e in eval_log:

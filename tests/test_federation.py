@@ -28,10 +28,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
 
 BIN = Path(sys.executable).parent
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow
 
 
 def free_port() -> int:
@@ -203,6 +202,7 @@ def server(tmp_path_factory):
     srv.kill_all()
 
 
+@slow
 def test_three_clients_accepted_over_tls(server, models):
     t0 = time.time()
     results = parallel([lambda m=models[f"client{i}"]: server.submit(m) for i in range(3)])
@@ -221,6 +221,7 @@ def test_three_clients_accepted_over_tls(server, models):
     print(f"three TLS submissions in parallel: {time.time() - t0:.1f} s")
 
 
+@slow
 def test_only_weights_and_metadata_cross_the_wire(server, models):
     """What the ServerApp received from each ClientApp (logged from the received Message content)."""
     subs = [json.loads(ln) for ln in (server.state / "submissions.jsonl").read_text().splitlines()]
@@ -238,6 +239,7 @@ def test_only_weights_and_metadata_cross_the_wire(server, models):
     assert not content.metric_records
 
 
+@slow
 def test_bad_models_rejected_duplicate_stored_once_dp_accepted(server, models):
     # a client validates before sending: the truncated file never leaves without --no-verify
     local = run(BIN / "free-client", "submit", "--model", models["truncated"], "--server", server.address)
@@ -282,6 +284,7 @@ def test_bad_models_rejected_duplicate_stored_once_dp_accepted(server, models):
     assert st["training"]["last_metrics"]["zoo_size"] == 4
 
 
+@slow
 def test_sigkill_then_resume_on_same_state(server, models):
     end = time.time() + 60
     while time.time() < end:
@@ -323,6 +326,7 @@ def test_sigkill_then_resume_on_same_state(server, models):
     assert json.loads((server.state / "status.json").read_text())["phase"] == "stopped"
 
 
+@slow
 def test_submit_times_out_cleanly_without_a_server(tmp_path, models):
     port = free_port()
     t0 = time.time()
@@ -335,6 +339,7 @@ def test_submit_times_out_cleanly_without_a_server(tmp_path, models):
     assert not [p for p in leftovers if alive(int(p))]
 
 
+@slow
 def test_free_sim_four_clients(tmp_path):
     out = tmp_path / "sim"
     t0 = time.time()
@@ -351,3 +356,47 @@ def test_free_sim_four_clients(tmp_path):
     events = [json.loads(ln)["event"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert events.count("submission") == 4 and "iteration" in events and "eval" in events
     print(f"free-sim 4 clients: {time.time() - t0:.1f} s")
+
+
+def test_wire_checks_in_process(fake_dataset):
+    """The ServerApp's checks on a reply's content (no processes: RecordDicts built here)."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+    from free_dfml.client.client_app import package_to_content
+    from free_dfml.client.train import TrainConfig, train_client
+    from free_dfml.common.package import PackageError
+    from free_dfml.server.server_app import content_to_package
+    pkg, _ = train_client(fake_dataset, [0, 1, 2], TrainConfig(epochs=1, arch_kwargs={"width": 4}))
+    good = package_to_content(pkg)
+    assert content_to_package(good).model_id == pkg.model_id
+    size = sum(len(a.data) for a in good.array_records["model"].values())
+    with pytest.raises(PackageError, match="over the"):
+        content_to_package(good, max_bytes=size // 2)              # payload cap
+    extra = package_to_content(pkg)
+    extra["stats"] = MetricRecord({"loss": 0.1})
+    with pytest.raises(PackageError, match="exactly"):
+        content_to_package(extra)                                    # nothing but weights + metadata
+    more = package_to_content(pkg)
+    more.config_records["meta"]["note"] = "hi"
+    with pytest.raises(PackageError, match="unexpected metadata"):
+        content_to_package(more)
+    wrong_id = package_to_content(pkg)
+    wrong_id.config_records["meta"]["model-id"] = "0" * 64
+    with pytest.raises(PackageError, match="model-id"):
+        content_to_package(wrong_id)
+    f64 = package_to_content(pkg)
+    k = sorted(f64.array_records["model"])[0]
+    f64.array_records["model"][k] = Array(pkg.state[k].double().numpy())
+    with pytest.raises(PackageError, match="float32"):
+        content_to_package(f64)
+    bad_meta = package_to_content(pkg)
+    bad_meta.config_records["meta"]["package"] = "{not json"
+    with pytest.raises(PackageError, match="JSON"):
+        content_to_package(bad_meta)
+    shape = package_to_content(pkg)
+    shape.array_records["model"][k] = Array(np.zeros((3, 3), dtype=np.float32))
+    with pytest.raises(PackageError, match="shape"):
+        content_to_package(shape)
+    assert isinstance(good, RecordDict) and isinstance(good.array_records["model"], ArrayRecord)
+    assert isinstance(good.config_records["meta"], ConfigRecord)
