@@ -163,3 +163,32 @@ def test_tiny_preset_end_to_end(tmp_path):
     for name in PLOTS.values():
         assert (out / name).stat().st_size > 1000, name
     assert not (out / "work").exists()
+
+
+def test_trainer_with_batched_inversion_matches_plain_trainer(float64, tmp_path, monkeypatch):
+    """A FreeTrainer whose FIVE steps go through ``install`` trains to the same state (float64; the
+    bank's uint8 images decode to float32, patched here to the default dtype)."""
+    from free_dfml.common.package import make_package
+    from free_dfml.server.memory_bank import MemoryBank
+    from free_dfml.server.trainer import FreeConfig, FreeTrainer
+    from free_dfml.server.zoo import Zoo
+
+    zoo = Zoo(tmp_path / "zoo")
+    for i in range(3):
+        torch.manual_seed(100 + i)
+        net = build_model("conv4", num_classes=5, width=4)
+        zoo.add(make_package(net, arch="conv4", arch_kwargs={"width": 4}, num_classes=5,
+                             input_shape=(3, 32, 32), mean=(0.5,) * 3, std=(0.3,) * 3))
+    monkeypatch.setattr(MemoryBank, "_decode", lambda self, x: x.to(torch.get_default_dtype())
+                        / (255 if x.dtype == torch.uint8 else 1))
+    cfg = FreeConfig.preset("tiny", warmup=1, iterations=3)
+    plain, batched = FreeTrainer(zoo, cfg, device="cpu"), FreeTrainer(zoo, cfg, device="cpu")
+    bi.install(batched)
+    plain.run(3, progress=False)
+    batched.run(3, progress=False)
+    assert any(h.get("replay_batches", 0) > 0 and "bell_kl" in h for h in plain.history)  # L_adv, BELL, replay ran
+    for a, b in ((plain.learner, batched.learner), (plain.metagen.generator, batched.metagen.generator)):
+        for (k, p), q in zip(a.named_parameters(), b.parameters()):
+            assert torch.allclose(p, q, atol=1e-8, rtol=0), k
+    assert [h["inversion_ce"] for h in plain.history] == pytest.approx(
+        [h["inversion_ce"] for h in batched.history], abs=1e-8)
