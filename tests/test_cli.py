@@ -111,10 +111,14 @@ def test_client_bad_input(capsys, tmp_path, good_package, argv, needle):
     (["evaluate", "--state", "EMPTYSTATE"], "--data"),
     (["evaluate", "--state", "EMPTYSTATE", "--data", "glyphs", "--way", "1"], "--way"),
     (["start", "--bogus"], "--bogus"),
+    (["start", "--node-auth"], "needs TLS"),
+    (["register-node", "--state", "EMPTYSTATE", "--key", "MISSING"], "no such file"),
+    (["register-node", "--state", "EMPTYSTATE", "--key", "KEYFILE"], "no server is running"),
 ])
 def test_server_bad_input(capsys, tmp_path, argv, needle):
     (tmp_path / "empty").mkdir()
-    argv = [a.replace("MISSING", str(tmp_path / "missing")).replace("NOSTATE", str(tmp_path / "nostate"))
+    (tmp_path / "key.pub").write_text("ecdsa-sha2-nistp384 AAAA\n")
+    argv = [a.replace("MISSING", str(tmp_path / "missing")).replace("KEYFILE", str(tmp_path / "key.pub")).replace("NOSTATE", str(tmp_path / "nostate"))
              .replace("EMPTYSTATE", str(tmp_path / "empty")).replace("OUT", str(tmp_path / "out.safetensors"))
             for a in argv]
     if argv[0] == "start":
@@ -166,3 +170,13 @@ def test_console_scripts_one_line(cmd):
     assert r.returncode != 0
     one_line_error(r.stderr)
     assert not Path("/tmp/never-created-state").exists()
+
+
+def test_keygen_refuses_to_overwrite(capsys, tmp_path):
+    code, out, err = cli(capsys, "free-client", "keygen", "--out", tmp_path / "k")
+    assert code == 0, err
+    assert (tmp_path / "k.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert oct((tmp_path / "k").stat().st_mode & 0o777) == "0o600"
+    code, _, err = cli(capsys, "free-client", "keygen", "--out", tmp_path / "k")
+    assert code != 0
+    one_line_error(err, "not overwriting")

@@ -125,6 +125,7 @@ class Server:
                "--preset", "tiny", "--checkpoint-every", "2", "--threads", "1", "--device", "cpu"]
         if tls and self.tls:
             cmd += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1]), "--tls-ca", str(self.tls[2])]
+        cmd += getattr(self, "start_args", [])
         self.with_tls = bool(tls and self.tls)
         self.proc = subprocess.Popen(cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -324,6 +325,37 @@ def test_sigkill_then_resume_on_same_state(server, models):
     time.sleep(1)
     assert not [p for p in pids if alive(p)]
     assert json.loads((server.state / "status.json").read_text())["phase"] == "stopped"
+    # the meta-learner as a package, adaptation settings in its metadata
+    out = server.state.parent / "meta.safetensors"
+    exp = run(BIN / "free-server", "export", "--state", server.state, "--out", out)
+    assert exp.returncode == 0, exp.stderr
+    from free_dfml.common.package import load_package
+    meta = load_package(out).meta
+    assert meta.num_classes == 5 and {"adapt_steps", "inner_lr", "way"} <= set(meta.training)
+
+
+@slow
+def test_node_authentication(tmp_path, models):
+    """--node-auth: a registered key gets in, an unknown client is refused at the door."""
+    srv = Server(tmp_path / "state", make_certs(tmp_path / "certs"), tmp_path / "server.log")
+    key = tmp_path / "alice"
+    kg = run(BIN / "free-client", "keygen", "--out", key)
+    assert kg.returncode == 0, kg.stderr
+    assert (tmp_path / "alice.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+    try:
+        srv.start_args = ["--node-auth"]
+        srv.start()
+        reg = run(BIN / "free-server", "register-node", "--state", srv.state, "--key", tmp_path / "alice.pub")
+        assert reg.returncode == 0, reg.stderr
+        ok, refused = parallel([lambda: srv.submit(models["client2"], "--auth-key", str(key)),
+                                lambda: srv.submit(models["client1"], timeout=60)])
+        assert ok.returncode == 0, ok.stderr
+        assert refused.returncode != 0 and "registered keys" in refused.stderr, refused.stderr
+        assert srv.status()["models"]["in_zoo"] == 1
+    finally:
+        if srv.proc is not None and srv.proc.poll() is None:
+            run(BIN / "free-server", "stop", "--state", srv.state, timeout=240)
+        srv.kill_all()
 
 
 @slow
