@@ -46,8 +46,8 @@ class ExperimentConfig:
     # FREE
     free_preset: str = "quick"
     free: dict[str, Any] = field(default_factory=dict)    # FreeConfig overrides
-    iterations: int = 60
-    track_every: int = 10           # meta-val accuracy for the plot (0: off)
+    iterations: int = 40
+    track_every: int = 20           # meta-val accuracy for the plot (0: off)
     track_episodes: int = 100
     # evaluation (the field's protocol; identical for every method)
     eval_episodes: int = 600
@@ -64,7 +64,7 @@ class ExperimentConfig:
     def preset(cls, name: str, **overrides: Any) -> "ExperimentConfig":
         presets: dict[str, dict[str, Any]] = {
             # measured on 2 CPU cores: see docs/algorithm.md ("Demo preset")
-            "demo": dict(),
+            "demo": dict(iterations=40, track_every=20, track_episodes=100),
             # a few seconds: used by the tests (tiny models, few episodes)
             "smoke": dict(clients=4, client_epochs=3, client_width=8, free_preset="tiny",
                           iterations=4, track_every=2, track_episodes=10, eval_episodes=20),
