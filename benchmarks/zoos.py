@@ -62,14 +62,15 @@ def build_zoo(ctx: Ctx, deps: dict, *, plan: str, split_at: int | None = None) -
             "mean_holdout_accuracy": sum(r["holdout_accuracy"] for r in reports) / max(1, len(reports))}
 
 
-def zoo_jobs(p, plan: str, n_models: int, split_at: int | None = None) -> list[Job]:
+def zoo_jobs(p, plan: str, n_models: int, split_at: int | None = None, weight: float = 5.0) -> list[Job]:
     parts = chunks(n_models, max(1, p.workers))
     jobs = [Job(f"clients:{plan}:{i}", "benchmarks.zoos:train_chunk",
-                {"plan": plan, "start": a, "stop": b}, weight=5.0) for i, (a, b) in enumerate(parts)]
+                {"plan": plan, "start": a, "stop": b}, weight=weight) for i, (a, b) in enumerate(parts)]
     jobs.append(Job(f"zoo:{plan}", "benchmarks.zoos:build_zoo", {"plan": plan, "split_at": split_at},
-                    deps=tuple(j.name for j in jobs), weight=5.0))
+                    deps=tuple(j.name for j in jobs), weight=100.0))
     return jobs
 
 
 def main_zoo_jobs(p) -> list[Job]:
-    return zoo_jobs(p, "main", p.clients + p.heldout_clients, split_at=p.clients)
+    # first: every accuracy job (and the long scratch one) waits for this zoo
+    return zoo_jobs(p, "main", p.clients + p.heldout_clients, split_at=p.clients, weight=60.0)
