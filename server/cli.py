@@ -413,6 +413,7 @@ def _serve(state: StateDir, settings, host: str, port: int, tls: list[Path | Non
         _log(state, f"FREE server running on {host}:{port} ({'TLS' if all(tls) else 'insecure'}), "
                     f"run {run_id}, state {state.root}")
         resubmits = 0
+        resubmitted_at = 0.0
         while stop["sig"] is None:
             if superlink.poll() is not None:
                 _log(state, f"flower-superlink exited with code {superlink.returncode}; stopping")
@@ -420,6 +421,9 @@ def _serve(state: StateDir, settings, host: str, port: int, tls: list[Path | Non
                 break
             st = state.read_status() or {}
             sp = st.get("serverapp_pid")
+            if st.get("run_id") != run_id and time.time() - resubmitted_at < timeout:
+                time.sleep(0.5)       # the resubmitted ServerApp has not written its status yet
+                continue
             if st.get("phase") in ("stopped", "finished") and sp and not pid_alive(sp) and not state.stop_requested():
                 if resubmits >= 3:
                     _log(state, "the ServerApp keeps exiting; stopping")
@@ -428,9 +432,9 @@ def _serve(state: StateDir, settings, host: str, port: int, tls: list[Path | Non
                 resubmits += 1
                 _log(state, "the ServerApp exited; submitting it again")
                 run_id = submit_run(state, env)
+                resubmitted_at = time.time()
                 record.update(run_id=run_id)
                 state.write_server(record)
-                time.sleep(3)
             time.sleep(0.5)
     except CliError as e:
         _log(state, f"error: {e}")

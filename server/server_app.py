@@ -302,6 +302,7 @@ class FreeServer:
     def __init__(self, grid: Grid, settings: ServerSettings, *, run_id: int | None = None):
         self.grid, self.settings, self.run_id = grid, settings, run_id
         self.state = StateDir(settings.state_dir).create()
+        self._lock_state()
         self.zoo = Zoo(self.state.zoo_dir)
         self.runner = TrainerRunner(self.zoo, settings, self.state)
         self.stop_event = threading.Event()
@@ -424,6 +425,20 @@ class FreeServer:
             LOG.warning("supervisor %s is gone: stopping", sp)
             return True
         return False
+
+    def _lock_state(self, wait: float = 60.0) -> None:
+        """One ServerApp per state folder: an exclusive lock held for the life of the process."""
+        import fcntl
+        self._lock_file = open(self.state.root / "serverapp.lock", "a+")
+        end = time.time() + wait
+        while True:
+            try:
+                fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError:
+                if time.time() > end:
+                    raise RuntimeError(f"another ServerApp holds {self.state.root}/serverapp.lock") from None
+                time.sleep(0.5)
 
     def serve(self) -> None:
         LOG.info("FREE server: state %s, %d model(s) in the zoo", self.state.root, len(self.zoo))
