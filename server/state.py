@@ -13,6 +13,7 @@ Layout (``STATE`` is ``--state DIR``)::
     STATE/server.json          the supervisor's record: pids, address, TLS, start time
     STATE/server.pid           the supervisor's pid (``free-server stop`` signals it)
     STATE/stop.request         present while a stop is asked for (the ServerApp checkpoints and exits)
+    STATE/serverapp.lock       flock held by the one ServerApp serving this folder
     STATE/logs/                superlink.log, serverapp.log, server.log
 
 Every JSON file is replaced atomically (temp file + fsync + rename); ``submissions.jsonl`` is
