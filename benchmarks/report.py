@@ -83,6 +83,9 @@ def markdown(doc: dict) -> str:
           f"- workers: {doc['settings']['workers']} process(es) x {doc['settings']['threads_per_worker'] or 'default'} "
           "torch thread(s)",
           f"- load average (1/5/15 min) at start {m.get('load_average_start')}, at end {m.get('load_average_end')}",
+          f"- code: commit `{(doc.get('git') or {}).get('commit', '?')[:12]}`"
+          + (f", with uncommitted changes in {', '.join((doc.get('git') or {}).get('modified') or [])}"
+             if (doc.get('git') or {}).get('modified') else ""),
           f"- seed {doc['seed']}, data `{doc['settings']['dataset']}` at {doc['settings']['image_size']} px; "
           f"started {doc['started']}, wall time {doc['wall_s']:.0f} s", ""]
     tg = doc.get("targets") or []

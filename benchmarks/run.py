@@ -64,6 +64,7 @@ def run(preset: str = "quick", *, out: str | Path | None = None, device: str = "
         set_threads(p.threads_per_worker)
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     load_start = _loadavg()
+    git = _git_state()
     t0 = time.perf_counter()
     ctx = Ctx(preset=p, out=str(out), work=str(work), device=str(dev))
     jobs = _jobs_for(sections, p)
@@ -77,7 +78,7 @@ def run(preset: str = "quick", *, out: str | Path | None = None, device: str = "
     doc: dict[str, Any] = {
         "preset": preset, "seed": p.seed, "settings": p.to_dict(), "machine": machine,
         "command": command or "benchmarks.run.run(" + repr(preset) + ")", "started": started,
-        "wall_s": round(wall, 1), "out": str(out), "sections": {},
+        "wall_s": round(wall, 1), "out": str(out), "git": git, "sections": {},
         "jobs": {k: {"ok": o.ok, "wall_s": round(o.wall_s, 2)} for k, o in outcomes.items()},
         "job_errors": {k: o.error for k, o in outcomes.items() if not o.ok},
     }
@@ -91,6 +92,20 @@ def run(preset: str = "quick", *, out: str | Path | None = None, device: str = "
         shutil.rmtree(work, ignore_errors=True)
     log(f"[bench] done in {wall:.0f} s: {out / 'results.md'}")
     return doc
+
+
+def _git_state() -> dict | None:
+    """The commit the run measured, and the tracked files that differed from it at the start."""
+    import subprocess
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=10).stdout.split("\n")
+        return {"commit": head, "modified": sorted(x[3:] for x in dirty if x.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _loadavg() -> list[float] | None:
