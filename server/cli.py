@@ -165,7 +165,10 @@ def load_config_file(path: Path) -> dict[str, Any]:
         if path.suffix == ".json":
             doc = json.loads(text)
         else:
-            import tomllib
+            try:
+                import tomllib
+            except ModuleNotFoundError:   # Python 3.10
+                import tomli as tomllib
             doc = tomllib.loads(text)
     except Exception as e:  # noqa: BLE001
         raise CliError(f"config file {path} cannot be parsed: {str(e).splitlines()[0]}") from None
@@ -285,7 +288,7 @@ def start(
     tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="server private key (PEM)"),
     tls_ca: Optional[Path] = typer.Option(None, "--tls-ca", help="CA certificate (PEM) that signed --tls-cert"),
     insecure: bool = typer.Option(False, "--insecure", help="allow a non-loopback address without TLS"),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML/JSON server settings (+ [free] table)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML/JSON server settings (+ \\[free] table)"),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda"),
     preset: Optional[str] = typer.Option(None, "--preset", help="FREE preset: paper|quick|tiny"),
     max_iterations: Optional[int] = typer.Option(None, "--max-iterations", help="stop training after N (0: never)"),

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from free_dfml.server import report
 from free_dfml.server.trainer import FreeConfig, FreeTrainer
 
 METHODS = ("free", "random", "average")
@@ -64,7 +65,7 @@ class ExperimentConfig:
     def preset(cls, name: str, **overrides: Any) -> "ExperimentConfig":
         presets: dict[str, dict[str, Any]] = {
             # measured on 2 CPU cores: see docs/algorithm.md ("Demo preset")
-            "demo": dict(iterations=40, track_every=20, track_episodes=100),
+            "demo": dict(images_per_class=100, iterations=80, track_every=20, track_episodes=100),
             # a few seconds: used by the tests (tiny models, few episodes)
             "smoke": dict(clients=4, client_epochs=3, client_width=8, free_preset="tiny",
                           iterations=4, track_every=2, track_episodes=10, eval_episodes=20),
@@ -96,63 +97,9 @@ def client_classes(num_classes: int, clients: int, per_client: int, disjoint: bo
     return [torch.randperm(num_classes, generator=g)[:per_client].tolist() for _ in range(clients)]
 
 
-def _console():
-    from rich.console import Console
-    return Console()
-
-
-def _save_plot(history: list[dict], path: Path) -> bool:
-    pts = [(h["iteration"], h["eval_1shot"], h.get("eval_1shot_ci95", 0.0))
-           for h in history if "eval_1shot" in h]
-    if not pts:
-        return False
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    it, acc, ci = zip(*pts)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.errorbar(it, [100 * a for a in acc], yerr=[100 * c for c in ci], marker="o", capsize=3)
-    ax.set_xlabel("FREE iteration")
-    ax.set_ylabel("5-way 1-shot accuracy (%), meta-val")
-    ax.set_title("FREE: meta-val accuracy over training")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def _save_grid(trainer: FreeTrainer, ids: list[str], path: Path, per_class: int = 4,
-               max_models: int = 10) -> bool:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from torchvision.utils import make_grid
-    rows, width = [], 0
-    for mid in ids[:max_models]:
-        x = trainer.recovered_images(mid, per_class=per_class)
-        if len(x):
-            rows.append(x)
-            width = max(width, len(x))
-    if not rows:
-        return False
-    padded = [torch.cat([r, torch.ones(width - len(r), *r.shape[1:])]) if len(r) < width else r
-              for r in rows]
-    grid = make_grid(torch.cat(padded), nrow=width, padding=1, pad_value=1.0)
-    fig, ax = plt.subplots(figsize=(min(20, width * 0.5 + 1), len(rows) * 0.55 + 0.8))
-    ax.imshow(grid.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
-    ax.set_axis_off()
-    ax.set_title(f"Recovered images: one row per client model ({per_class} per class)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
 def run_experiment(cfg: ExperimentConfig, dataset=None) -> dict:
     """Run the whole job; returns the results document (also written to ``out/results.json``)."""
     from free_dfml.client.train import TrainConfig, train_client
-    from free_dfml.common.evaluation import evaluate
     from free_dfml.server.baselines import average_learner, random_learner
     from free_dfml.server.device import resolve_device
     from free_dfml.server.zoo import Zoo
@@ -161,7 +108,7 @@ def run_experiment(cfg: ExperimentConfig, dataset=None) -> dict:
     cpu_start = time.process_time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    console = _console()
+    console = report.console()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
@@ -219,22 +166,15 @@ def run_experiment(cfg: ExperimentConfig, dataset=None) -> dict:
         learners["random"] = random_learner(fcfg, norm=trainer.norm).to(device)
     if "average" in cfg.methods:
         learners["average"] = average_learner([zoo.package(m) for m in zoo.ids()], fcfg).to(device)
-    results: dict[str, dict] = {}
-    for name, learner in learners.items():
-        results[name] = {}
-        for shot in cfg.eval_shots:
-            t0 = time.perf_counter()
-            r = evaluate(learner, test, way=fcfg.way, shot=shot, episodes=cfg.eval_episodes,
-                         steps=fcfg.eval_steps, lr=fcfg.inner_lr, seed=cfg.eval_seed, device=device,
-                         progress=f"{name} {shot}-shot" if cfg.progress else False)
-            dt = time.perf_counter() - t0
-            results[name][f"{shot}shot"] = {**r.to_dict(), "eval_s": round(dt, 2)}
-            log({"event": "eval", "method": name, **r.to_dict(), "eval_s": dt})
+    results = report.evaluate_methods(
+        learners, test, way=fcfg.way, shots=tuple(cfg.eval_shots), episodes=cfg.eval_episodes,
+        steps=fcfg.eval_steps, lr=fcfg.inner_lr, seed=cfg.eval_seed, device=device,
+        progress=cfg.progress, log=log)
     t_eval = sum(v["eval_s"] for res in results.values() for v in res.values())
 
     # 4. artefacts --------------------------------------------------------------------------
-    plot_ok = _save_plot(trainer.history, out / "accuracy.png")
-    grid_ok = _save_grid(trainer, zoo.ids(), out / "recovered.png")
+    plot_ok = report.save_accuracy_plot(trainer.history, out / "accuracy.png")
+    grid_ok = report.save_recovered_grid(trainer, zoo.ids(), out / "recovered.png")
     wall = time.perf_counter() - t_start
     doc = {
         "config": {**asdict(cfg), "free_config": fcfg.to_dict()},
@@ -250,62 +190,14 @@ def run_experiment(cfg: ExperimentConfig, dataset=None) -> dict:
         "free_iterations": trainer.iteration,
         "artefacts": {"plot": plot_ok and "accuracy.png", "grid": grid_ok and "recovered.png"},
     }
-    if "free" in results and "random" in results:
-        doc["free_above_random"] = {
-            s: (results["free"][s]["mean"] - results["free"][s]["ci95"]
-                > results["random"][s]["mean"] + results["random"][s]["ci95"])
-            for s in results["free"]}
+    above = report.free_above_random(results)
+    if above is not None:
+        doc["free_above_random"] = above
     (out / "results.json").write_text(json.dumps(doc, indent=2))
-    (out / "results.md").write_text(_markdown(doc))
+    (out / "results.md").write_text(report.markdown(doc))
     metrics_f.close()
-    _print_table(console, doc)
+    report.print_table(console, doc)
     return doc
-
-
-def _rows(doc: dict) -> list[list[str]]:
-    rows = []
-    for name, res in doc["results"].items():
-        row = [name]
-        for key in sorted(res):
-            r = res[key]
-            row.append(f"{100 * r['mean']:.2f} ± {100 * r['ci95']:.2f}")
-        row.append(f"{sum(r['eval_s'] for r in res.values()):.1f}")
-        rows.append(row)
-    return rows
-
-
-def _headers(doc: dict) -> list[str]:
-    first = next(iter(doc["results"].values()))
-    return ["method"] + [f"5-way {k.replace('shot', '-shot')} (%)" for k in sorted(first)] + ["eval s"]
-
-
-def _markdown(doc: dict) -> str:
-    h = _headers(doc)
-    lines = ["# FREE demo results", "",
-             f"Meta-test split, {doc['config']['eval_episodes']} episodes, 15 queries a class, "
-             f"10 adaptation steps, inner lr {doc['config']['free_config']['inner_lr']} for every method; "
-             "95% intervals.", "",
-             "| " + " | ".join(h) + " |", "|" + "---|" * len(h)]
-    lines += ["| " + " | ".join(r) + " |" for r in _rows(doc)]
-    t = doc["times_s"]
-    lines += ["", f"Wall time: {t['total']:.0f} s (data {t['data']:.0f} s, clients {t['clients']:.0f} s, "
-              f"FREE {t['free']:.0f} s for {doc['free_iterations']} iterations, evaluation {t['eval']:.0f} s) "
-              f"on {doc['device']} with {doc['torch_threads']} torch threads; process CPU time "
-              f"{t['cpu']:.0f} s.", ""]
-    return "\n".join(lines)
-
-
-def _print_table(console, doc: dict) -> None:
-    from rich.table import Table
-    table = Table(title="FREE vs baselines (meta-test, 95% intervals)")
-    for h in _headers(doc):
-        table.add_column(h)
-    for r in _rows(doc):
-        table.add_row(*r)
-    console.print(table)
-    t = doc["times_s"]
-    console.print(f"wall {t['total']:.0f} s (clients {t['clients']:.0f} s, FREE {t['free']:.0f} s, "
-                  f"evaluation {t['eval']:.0f} s; process CPU {t['cpu']:.0f} s)")
 
 
 def main(argv: list[str] | None = None) -> int:

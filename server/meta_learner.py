@@ -29,6 +29,23 @@ from free_dfml.server.memory_bank import MemoryBank
 from free_dfml.server.meta_generator import AdamState, Teacher, adam_update, kl_per_sample, restrict
 
 Episode = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]   # sx, sy, qx, qy (float x)
+AUGMENTS = ("none", "color")
+
+
+def color_augment(x: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    """Per image: a random order of the colour channels, and with probability 1/2 the inverted image.
+
+    Recovered images carry each teacher's colour statistics; replaying them as they are lets the
+    meta-learner separate classes by colour alone. Both transforms keep the spatial structure
+    (strokes, edges) and change only colour, so episodes must be solved by shape. ``x``: float
+    ``[n, C, H, W]`` in [0, 1]; drawn from ``rng`` (the trainer's saved stream).
+    """
+    n, c = x.shape[:2]
+    if c > 1:
+        order = torch.argsort(torch.rand(n, c, generator=rng), dim=1).to(x.device)
+        x = torch.gather(x, 1, order[:, :, None, None].expand_as(x))
+    flip = (torch.rand(n, generator=rng) < 0.5).to(x.device)[:, None, None, None]
+    return torch.where(flip, 1.0 - x, x)
 
 
 def build_learner(way: int, *, arch: str = "conv4", width: int = 64, norm: str = "bn",
@@ -82,11 +99,15 @@ class MetaLearner:
     def __init__(self, model: nn.Module, *, way: int = 5, inner_lr: float = 0.01,
                  replay_steps: int = 5, meta_batch: int = 10, replay_shot: int = 1,
                  replay_query: int = 15, outer_lr: float = 1e-3, second_order: bool = False,
-                 patience: int = 10, max_batches: int = 100, bell_lr: float = 1e-3,
+                 patience: int = 10, max_batches: int = 100, augment: str = "none",
+                 bell_lr: float = 1e-3,
                  bell_optimizer: str = "adam", beta: float = 0.5,
                  device: torch.device | str = "cpu"):
         if bell_optimizer not in ("adam", "sgd"):
             raise ValueError("bell_optimizer must be 'adam' or 'sgd'")
+        if augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
+        self.augment = augment
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.model.train()
@@ -159,7 +180,10 @@ class MetaLearner:
             eps = []
             for _ in range(self.meta_batch):
                 e = bank.sample_episode(self.way, self.replay_shot, self.replay_query, rng)
-                eps.append((e.support_x, e.support_y, e.query_x, e.query_y))
+                sx, qx = e.support_x, e.query_x
+                if self.augment == "color":
+                    sx, qx = color_augment(sx, rng), color_augment(qx, rng)
+                eps.append((sx, e.support_y, qx, e.query_y))
             loss, acc = self.maml_step(eps)
             n += 1
             if acc > best:

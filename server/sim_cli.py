@@ -10,7 +10,7 @@ into the zoo of ``OUT/state`` and trains FREE for ``iterations`` iterations. The
 initialisation and the zoo average are scored on the meta-test split (5-way 1-shot and 5-shot,
 95% intervals), and ``OUT`` receives ``metrics.jsonl``, ``results.json``, ``results.md``,
 ``accuracy.png`` (meta-val accuracy over iterations) and ``recovered.png`` (images recovered from
-each client model); the table and figures come from server/experiment.py's reporting code.
+each client model); the table and figures come from server/report.py.
 
 Python API: :func:`run_sim` (used by examples/simulate.py).
 """
@@ -59,8 +59,10 @@ class SimConfig:
 
     PRESETS = {
         # like server/experiment.py's demo, federated
-        "demo": dict(client_epochs=20, client_width=32, free_preset="quick", iterations=60, track_every=10,
-                     track_episodes=100, eval_episodes=600),
+        # `make demo`: 20 clients, all three methods scored on 300 meta-test episodes so that the whole
+        # run (glyph rendering and Ray start included) stays within about 10 minutes on 2 CPU cores
+        "demo": dict(clients=20, images_per_class=100, client_epochs=20, client_width=32, free_preset="quick",
+                     iterations=80, track_every=20, track_episodes=100, eval_episodes=300),
         "quick": dict(client_epochs=10, client_width=16, free_preset="quick", iterations=30, track_every=10,
                       track_episodes=50, eval_episodes=200),
         "tiny": dict(client_epochs=2, client_width=8, free_preset="tiny", iterations=4, track_every=2,
@@ -84,9 +86,8 @@ def run_sim(cfg: SimConfig, *, progress: bool = True) -> dict:
 
     from free_dfml.client.client_app import SimClientSettings, make_client_app
     from free_dfml.common.datasets import open_dataset
-    from free_dfml.common.evaluation import evaluate
     from free_dfml.common.models import ARCHITECTURES
-    from free_dfml.server import experiment as rep
+    from free_dfml.server import report
     from free_dfml.server.baselines import average_learner, random_learner
     from free_dfml.server.server_app import ServerSettings, make_server_app
     from free_dfml.server.state import StateDir
@@ -144,19 +145,11 @@ def run_sim(cfg: SimConfig, *, progress: bool = True) -> dict:
         learners["average"] = average_learner([zoo.package(m) for m in zoo.ids()], fcfg)
     except ValueError:
         pass     # no Conv4 group to average (e.g. an all-ResNet zoo)
-    results: dict[str, dict] = {}
-    eval_log = []
-    for name, learner in learners.items():
-        learner = learner.to(trainer.device)
-        results[name] = {}
-        for shot in cfg.eval_shots:
-            t1 = time.perf_counter()
-            r = evaluate(learner, test, way=fcfg.way, shot=shot, episodes=cfg.eval_episodes, steps=fcfg.eval_steps,
-                         lr=fcfg.inner_lr, seed=cfg.seed, device=trainer.device,
-                         progress=f"{name} {shot}-shot" if progress else False)
-            dt = time.perf_counter() - t1
-            results[name][f"{shot}shot"] = {**r.to_dict(), "eval_s": round(dt, 2)}
-            eval_log.append({"event": "eval", "method": name, **r.to_dict(), "eval_s": dt})
+    eval_log: list[dict] = []
+    results = report.evaluate_methods(
+        learners, test, way=fcfg.way, shots=tuple(cfg.eval_shots), episodes=cfg.eval_episodes,
+        steps=fcfg.eval_steps, lr=fcfg.inner_lr, seed=cfg.seed, device=trainer.device,
+        progress=progress, log=eval_log.append)
     t_eval = sum(v["eval_s"] for res in results.values() for v in res.values())
 
     with open(out / "metrics.jsonl", "w", encoding="utf-8") as f:
@@ -167,8 +160,8 @@ def run_sim(cfg: SimConfig, *, progress: bool = True) -> dict:
             f.write(json.dumps({"event": "iteration", **m}) + "\n")
         for e in eval_log:
             f.write(json.dumps(e) + "\n")
-    plot_ok = rep._save_plot(trainer.history, out / "accuracy.png")
-    grid_ok = rep._save_grid(trainer, zoo.ids(), out / "recovered.png")
+    plot_ok = report.save_accuracy_plot(trainer.history, out / "accuracy.png")
+    grid_ok = report.save_recovered_grid(trainer, zoo.ids(), out / "recovered.png")
     import torch
     accepted = [s for s in subs if s.get("event") == "accepted"]
     t_free = float(sum(m.get("step_s", 0.0) for m in trainer.history))
@@ -185,35 +178,17 @@ def run_sim(cfg: SimConfig, *, progress: bool = True) -> dict:
         "artefacts": {"plot": plot_ok and "accuracy.png", "grid": grid_ok and "recovered.png",
                       "metrics": "metrics.jsonl", "state": "state"},
     }
-    if "free" in results and "random" in results:
-        doc["free_above_random"] = {
-            s: (results["free"][s]["mean"] - results["free"][s]["ci95"]
-                > results["random"][s]["mean"] + results["random"][s]["ci95"]) for s in results["free"]}
+    above = report.free_above_random(results)
+    if above is not None:
+        doc["free_above_random"] = above
     (out / "results.json").write_text(json.dumps(doc, indent=2, default=str))
-    try:      # the demo's reporting (server/experiment.py), so both read the same
-        md = rep._markdown(doc).replace("# FREE demo results",
-                                        f"# FREE federated simulation ({cfg.clients} Flower clients)", 1)
-    except (KeyError, TypeError, ValueError):
-        md = _plain_markdown(doc, cfg.clients)
+    md = report.markdown(doc).replace("# FREE demo results",
+                                      f"# FREE federated simulation ({cfg.clients} Flower clients)", 1)
     md += (f"\nFederation (client training + FREE through Flower's simulation engine): {t_fed:.0f} s; "
            f"{len(accepted)} of {cfg.clients} client models accepted.\n")
     (out / "results.md").write_text(md)
-    try:
-        rep._print_table(rep._console(), doc)
-    except (KeyError, TypeError, ValueError):
-        print(md)
+    report.print_table(report.console(), doc)
     return doc
-
-
-def _plain_markdown(doc: dict, clients: int) -> str:
-    shots = sorted(next(iter(doc["results"].values())))
-    lines = [f"# FREE federated simulation ({clients} Flower clients)", "",
-             "| method | " + " | ".join(f"5-way {s.replace('shot', '-shot')} (%)" for s in shots) + " |",
-             "|---|" + "---|" * len(shots)]
-    for name, res in doc["results"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{100 * res[s]['mean']:.2f} ± {100 * res[s]['ci95']:.2f}"
-                                                for s in shots) + " |")
-    return "\n".join(lines) + "\n"
 
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -227,7 +202,8 @@ def _root() -> None:
 
 @app.command()
 def run(
-    clients: int = typer.Option(4, "--clients", min=1, help="number of virtual clients (SuperNodes)"),
+    clients: Optional[int] = typer.Option(None, "--clients", min=1,
+                                          help="number of virtual clients (SuperNodes; default: preset's, demo 20, else 4)"),
     dataset: str = typer.Option("glyphs", "--dataset", help="glyphs | DIR | cifar-fs:PATH"),
     classes_per_client: int = typer.Option(5, "--classes-per-client", min=2),
     arch: str = typer.Option("conv4", "--arch", help="conv4 | resnet10 | resnet18 | mix"),

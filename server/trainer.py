@@ -71,6 +71,7 @@ class FreeConfig:
     second_order: bool = False
     patience: int = 10
     max_replay_batches: int = 100       # hard cap per iteration
+    replay_augment: str = "none"        # "none" | "color": per-image random channel order + inversion
     # memory bank
     bank_capacity: int = 400            # images per (model, class) ring
     bank_dtype: str = "uint8"           # "uint8" | "float16"
@@ -117,6 +118,8 @@ class FreeConfig:
             raise ValueError(f"inversion must be 'five' or 'scratch', got {self.inversion!r}")
         if self.way < 2:
             raise ValueError("way must be >= 2")
+        if self.replay_augment not in ("none", "color"):
+            raise ValueError(f"replay_augment must be 'none' or 'color', got {self.replay_augment!r}")
         if self.bank_dtype not in ("uint8", "float16"):
             raise ValueError("bank_dtype must be 'uint8' or 'float16'")
         for name in ("teachers_per_iter", "inner_steps", "samples_per_class", "meta_batch",
@@ -131,7 +134,8 @@ class FreeConfig:
             "paper": {},
             # inner_lr 0.1: chosen on glyph meta-val (see docs/algorithm.md, "Inner learning rate")
             "quick": dict(ngf=16, nz=64, samples_per_class=10, warmup=5, iterations=60,
-                          max_replay_batches=5, patience=3, meta_batch=4, replay_query=5,
+                          max_replay_batches=10, patience=5, meta_batch=4, replay_query=5,
+                          replay_augment="color",
                           bank_capacity=100, learner_width=32, checkpoint_every=20, inner_lr=0.1),
             "tiny": dict(ngf=8, nz=16, samples_per_class=4, teachers_per_iter=2, inner_steps=2,
                          warmup=1, iterations=4, max_replay_batches=2, patience=2, meta_batch=2,
@@ -178,7 +182,7 @@ class FreeTrainer:
             self.learner, way=cfg.way, inner_lr=cfg.inner_lr, replay_steps=cfg.replay_steps,
             meta_batch=cfg.meta_batch, replay_shot=cfg.replay_shot, replay_query=cfg.replay_query,
             outer_lr=cfg.outer_lr, second_order=cfg.second_order, patience=cfg.patience,
-            max_batches=cfg.max_replay_batches, bell_lr=cfg.bell_lr,
+            max_batches=cfg.max_replay_batches, augment=cfg.replay_augment, bell_lr=cfg.bell_lr,
             bell_optimizer=cfg.bell_optimizer, beta=cfg.beta, device=self.device)
         self.metagen = MetaGenerator(
             nz=cfg.nz, ngf=cfg.ngf, image_size=cfg.image_size, channels=cfg.channels,

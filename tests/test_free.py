@@ -294,3 +294,30 @@ def test_run_stops_on_event_checkpoints_and_exports(tmp_path, tiny_zoo):
     imgs = tr.recovered_images(missing[0] if missing else tiny_zoo.ids()[0], per_class=2)
     assert imgs.shape[1:] == (3, 32, 32) and len(imgs) >= 2
     assert torch.equal(state[0], tr.rng.get_state()) and torch.equal(state[1], tr.gen_rng.get_state())
+
+
+def test_color_augment_changes_colour_only_and_follows_the_rng():
+    from itertools import permutations
+
+    from free_dfml.server.meta_learner import color_augment
+    x = torch.rand(64, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = color_augment(x, torch.Generator().manual_seed(1))
+    assert out.shape == x.shape
+    variants = [x[:, list(p)] for p in permutations(range(3))]
+    variants += [1 - v for v in variants]
+    kinds = set()
+    for i in range(len(x)):
+        hits = [k for k, v in enumerate(variants) if torch.equal(out[i], v[i])]
+        assert hits, f"image {i} is not a channel permutation (optionally inverted) of its input"
+        kinds.add(hits[0])
+    assert len(kinds) > 4                       # both transforms are drawn, not a fixed one
+    again = color_augment(x, torch.Generator().manual_seed(1))
+    assert torch.equal(out, again)              # the trainer's saved stream decides everything
+    grey = torch.rand(10, 1, 8, 8)
+    g_out = color_augment(grey, torch.Generator().manual_seed(2))
+    assert all(torch.equal(g_out[i], grey[i]) or torch.equal(g_out[i], 1 - grey[i]) for i in range(10))
+
+
+def test_unknown_replay_augment_is_refused():
+    with pytest.raises(ValueError, match="replay_augment"):
+        FreeConfig.preset("tiny", replay_augment="blur").validate()
