@@ -55,6 +55,9 @@ class SimConfig:
     device: str = "cpu"
     seed: int = 0
     cpus_per_client: float = 1.0
+    threads: int = 1                    # torch threads of the server's trainer and evaluation: small
+                                        # convolutions on a 2-core box run fastest, and stay fast under
+                                        # load, with one (two threads under load: many times slower)
     collect_timeout: float = 1800.0
 
     PRESETS = {
@@ -116,7 +119,7 @@ def run_sim(cfg: SimConfig, *, progress: bool = True) -> dict:
                  "seed": cfg.seed, "eval_every": cfg.track_every, **cfg.free}
     settings = ServerSettings(
         state_dir=str(state_dir), poll_interval=0.2, checkpoint_every=max(1, iterations // 4),
-        min_models=cfg.clients, device=cfg.device, preset=cfg.free_preset, free_config=free_over,
+        min_models=cfg.clients, device=cfg.device, threads=cfg.threads, preset=cfg.free_preset, free_config=free_over,
         max_iterations=iterations, expected_models=cfg.clients, finish_when_done=True,
         collect_timeout=cfg.collect_timeout, eval_data=cfg.dataset if cfg.track_every else "",
         eval_split="val", eval_episodes=cfg.track_episodes)
