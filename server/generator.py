@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from free_dfml.common.models import cpu_layout
+
 
 class Generator(nn.Module):
     def __init__(self, nz: int = 256, ngf: int = 64, image_size: int = 32, channels: int = 3):
@@ -44,7 +46,7 @@ class Generator(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         out = self.l1(z.flatten(1))
         out = out.view(out.shape[0], -1, self.init_size, self.init_size)
-        return self.conv_blocks(out)
+        return self.conv_blocks(cpu_layout(out))
 
     def config(self) -> dict:
         return {"nz": self.nz, "ngf": self.ngf, "image_size": self.image_size, "channels": self.channels}
