@@ -79,9 +79,15 @@ def run_jobs(jobs: list[Job], ctx: Ctx, *, workers: int, threads: int,
         out = [j for j in pending if all(d in done for d in j.deps)]
         return sorted(out, key=lambda j: -j.weight)
 
-    def deps_of(j: Job) -> tuple[bool, dict]:
-        ok = all(done[d].ok for d in j.deps)
-        return ok, {d: done[d].result for d in j.deps}
+    def take(j: Job) -> dict | None:
+        """Take ``j`` off the queue: its dependencies' results, or None (recorded as skipped)
+        when one of them failed."""
+        pending.remove(j)
+        if not all(done[d].ok for d in j.deps):
+            done[j.name] = Outcome(False, None, "skipped: a dependency failed")
+            return None
+        log(f"[bench] {j.name} ...")
+        return {d: done[d].result for d in j.deps}
 
     if workers <= 0:
         while pending:
@@ -89,14 +95,10 @@ def run_jobs(jobs: list[Job], ctx: Ctx, *, workers: int, threads: int,
             if not batch:
                 raise RuntimeError("dependency cycle among jobs")
             j = batch[0]
-            pending.remove(j)
-            ok, deps = deps_of(j)
-            if not ok:
-                done[j.name] = Outcome(False, None, "skipped: a dependency failed")
-                continue
-            log(f"[bench] {j.name} ...")
-            done[j.name] = _call(j.fn, ctx, deps, j.kwargs)
-            _report(log, j.name, done[j.name])
+            deps = take(j)
+            if deps is not None:
+                done[j.name] = _call(j.fn, ctx, deps, j.kwargs)
+                _report(log, j.name, done[j.name])
         return done
 
     running: dict[Future, Job] = {}
@@ -106,13 +108,9 @@ def run_jobs(jobs: list[Job], ctx: Ctx, *, workers: int, threads: int,
             for j in ready():
                 if len(running) >= workers:
                     break
-                pending.remove(j)
-                ok, deps = deps_of(j)
-                if not ok:
-                    done[j.name] = Outcome(False, None, "skipped: a dependency failed")
-                    continue
-                log(f"[bench] {j.name} ...")
-                running[pool.submit(_call, j.fn, ctx, deps, j.kwargs)] = j
+                deps = take(j)
+                if deps is not None:
+                    running[pool.submit(_call, j.fn, ctx, deps, j.kwargs)] = j
             if not running:
                 if pending and not ready():
                     raise RuntimeError("dependency cycle among jobs")
