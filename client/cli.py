@@ -28,8 +28,8 @@ from typing import Optional
 
 import typer
 
-from free_dfml.server.cli import (CliError, descendants, is_loopback, parse_address, pid_alive, run_cli,
-                                  terminate)
+from free_dfml.common.cli import CliError, is_loopback, parse_address, run_cli
+from free_dfml.common.processes import stop_process_tree
 
 EXIT_REJECTED = 3
 EXIT_TIMEOUT = 4
@@ -262,13 +262,7 @@ def submit(
                                    + (f": {tail}" if tail else "") + hint, 1)
                 time.sleep(0.2)
         finally:
-            kids = descendants(proc.pid)
-            left = terminate([proc.pid] + kids, timeout=15)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
-            left = [p for p in left + kids if pid_alive(p)]
+            left = stop_process_tree(proc, timeout=15)
             log.close()
             if left:
                 print(f"free-client: warning: SuperNode processes still alive: {left}", file=sys.stderr)

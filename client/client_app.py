@@ -192,7 +192,7 @@ def client_classes(partition: int, num_partitions: int, num_classes: int, per_cl
                    seed: int = 0) -> list[int]:
     """Train-split class indices of one client: the same plan as server/experiment.py (a seeded
     permutation cut into disjoint blocks while the split allows)."""
-    from free_dfml.server.experiment import client_classes as plan
+    from free_dfml.common.partition import client_classes as plan
     return plan(num_classes, num_partitions, per_client, True, seed)[partition]
 
 

@@ -19,7 +19,6 @@ last checkpoint. Bad input gives a one-line error and a non-zero exit.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import re
@@ -33,19 +32,13 @@ from typing import Any, Optional
 
 import typer
 
-from free_dfml.server.state import StateDir, atomic_write_json, pid_alive, read_json
+from free_dfml.common.cli import CliError, is_loopback, parse_address, run_cli
+from free_dfml.common.processes import cmdline, descendants, pid_alive, stop_process_tree, terminate
+from free_dfml.server.state import StateDir, atomic_write_json, read_json
 
 DEFAULT_STATE = "free-server-state"
 DEFAULT_ADDRESS = "127.0.0.1:9092"
 APP_NAME = "free-dfml-server"
-
-
-class CliError(Exception):
-    """A user-facing error: printed as one line, exit code 2 (1 for runtime failures)."""
-
-    def __init__(self, msg: str, code: int = 2):
-        super().__init__(msg)
-        self.code = code
 
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -55,26 +48,6 @@ STATE_OPT = typer.Option(DEFAULT_STATE, "--state", help="state folder (zoo, chec
 
 
 # ------------------------------------------------------------------------------ helpers
-
-def parse_address(address: str) -> tuple[str, int]:
-    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\s]+):(\d+)", address.strip())
-    if not m:
-        raise CliError(f"address must be HOST:PORT, got {address!r}")
-    host = m.group(1) or m.group(3)
-    port = int(m.group(2) or m.group(4))
-    if not 1 <= port <= 65535:
-        raise CliError(f"port must be in 1..65535, got {port}")
-    return host, port
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
 
 def _venv_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
@@ -89,57 +62,6 @@ def _venv_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 def _exe(name: str) -> str:
     p = Path(sys.executable).parent / name
     return str(p) if p.exists() else name
-
-
-def _ppid_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(d.name))
-    return children
-
-
-def descendants(pid: int) -> list[int]:
-    """All live descendants of ``pid`` (Flower's superexec runs in its own session: ppid is what links them)."""
-    cmap, out, todo = _ppid_map(), [], [pid]
-    while todo:
-        for c in cmap.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def terminate(pids: list[int], timeout: float = 15.0) -> list[int]:
-    """SIGTERM ``pids``, wait, SIGKILL what is left; returns the pids still alive (should be none)."""
-    for p in pids:
-        try:
-            os.kill(p, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    end = time.time() + timeout
-    while time.time() < end and any(pid_alive(p) for p in pids):
-        time.sleep(0.2)
-    for p in pids:
-        if pid_alive(p):
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    time.sleep(0.2)
-    return [p for p in pids if pid_alive(p)]
 
 
 def wait_port(host: str, port: int, proc: subprocess.Popen | None, timeout: float) -> None:
@@ -244,11 +166,11 @@ def cleanup_stale(state: StateDir) -> None:
     stale = []
     for key in ("superlink_pid", "serverapp_pid"):
         p = rec.get(key)
-        if p and pid_alive(p) and ("flower" in _cmdline(p) or "flwr" in _cmdline(p)):
+        if p and pid_alive(p) and ("flower" in cmdline(p) or "flwr" in cmdline(p)):
             stale += [p] + descendants(p)
     st = state.read_status() or {}
     p = st.get("serverapp_pid")
-    if p and pid_alive(p) and "flwr" in _cmdline(p):
+    if p and pid_alive(p) and "flwr" in cmdline(p):
         stale.append(p)
     if stale:
         terminate(sorted(set(stale)), timeout=30)
@@ -454,12 +376,7 @@ def _serve(state: StateDir, settings, host: str, port: int, tls: list[Path | Non
             if st.get("phase") in ("stopped", "finished") or (sp and not pid_alive(sp)) or not sp:
                 break
             time.sleep(0.3)
-        kids = descendants(superlink.pid)
-        left = terminate([superlink.pid] + kids, timeout=20)
-        try:
-            superlink.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
+        left = stop_process_tree(superlink, timeout=20)
         state.clear_stop()
         record.update(phase="stopped", stopped_at=time.time(), leftover_pids=left)
         state.write_server(record)
@@ -645,34 +562,6 @@ def export(state_dir: Path = STATE_OPT,
     t = pkg.meta.training
     print(f"exported the meta-learner (iteration {trainer.iteration}, {t.get('way')}-way, adapt "
           f"{t.get('adapt_steps')} steps at lr {t.get('inner_lr')}) to {out}  id {model_id[:16]}")
-
-
-def run_cli(typer_app: typer.Typer, prog: str, argv: list[str] | None = None) -> int:
-    """Run a typer app with one-line errors (no tracebacks, no usage boxes)."""
-    import click
-    cmd = typer.main.get_command(typer_app)
-    try:
-        rv = cmd.main(args=argv if argv is not None else sys.argv[1:], prog_name=prog, standalone_mode=False)
-        return rv if isinstance(rv, int) else 0
-    except CliError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return e.code
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.exceptions.Abort:
-        print(f"{prog}: aborted", file=sys.stderr)
-        return 130
-    except click.ClickException as e:
-        msg = e.format_message().replace("\n", " ").strip()
-        print(f"{prog}: error: {msg} (see {prog} --help)", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - never a traceback for the user
-        first = str(e).splitlines()[0] if str(e) else ""
-        print(f"{prog}: error: {type(e).__name__}: {first}", file=sys.stderr)
-        return 1
 
 
 def main() -> None:

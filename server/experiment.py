@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from free_dfml.common.partition import client_classes
 from free_dfml.server import report
 from free_dfml.server.trainer import FreeConfig, FreeTrainer
 
@@ -78,23 +79,6 @@ class ExperimentConfig:
         over = {"image_size": self.image_size, "learner_width": self.client_width,
                 "iterations": self.iterations, "seed": self.seed, **self.free}
         return FreeConfig.preset(self.free_preset, **over)
-
-
-def client_classes(num_classes: int, clients: int, per_client: int, disjoint: bool, seed: int
-                   ) -> list[list[int]]:
-    """Each client's meta-train class indices: disjoint while the split allows, else wrapping around."""
-    g = torch.Generator().manual_seed(seed)
-    if per_client > num_classes:
-        raise ValueError(f"{per_client} classes per client but the split has {num_classes}")
-    if disjoint:
-        perm = torch.randperm(num_classes, generator=g).tolist()
-        out = []
-        for i in range(clients):
-            start = (i * per_client) % num_classes
-            cls = [perm[(start + j) % num_classes] for j in range(per_client)]
-            out.append(cls)
-        return out
-    return [torch.randperm(num_classes, generator=g)[:per_client].tolist() for _ in range(clients)]
 
 
 def run_experiment(cfg: ExperimentConfig, dataset=None) -> dict:

@@ -39,7 +39,8 @@ from free_dfml.client.client_app import (ACK_ACTION, ID_FIELD, META_FIELDS, META
                                          PACKAGE_FIELD, PROTOCOL)
 from free_dfml.common.package import (MAX_HEADER_BYTES, MAX_PACKAGE_BYTES, ModelPackage, PackageError,
                                       package_from_tensors)
-from free_dfml.server.state import StateDir, build_status, pid_alive, read_json
+from free_dfml.common.processes import pid_alive
+from free_dfml.server.state import StateDir, build_status, read_json
 from free_dfml.server.zoo import Zoo
 
 LOG = logging.getLogger("free_dfml.server")

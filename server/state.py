@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from free_dfml.common.package import atomic_write_bytes
+from free_dfml.common.processes import pid_alive
 
 STATUS_REJECTED_KEEP = 50      # rejected submissions listed in status.json (all are in submissions.jsonl)
 
@@ -43,23 +44,6 @@ def read_json(path: str | os.PathLike, default: Any = None) -> Any:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError):
         return default
-
-
-def pid_alive(pid: int | None) -> bool:
-    """True when ``pid`` is a live process (a zombie counts as gone)."""
-    if not pid or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 @dataclass

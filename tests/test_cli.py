@@ -1,7 +1,7 @@
 """Bad input to free-client / free-server / free-sim: a clear ONE-LINE error and a non-zero exit.
 
 The commands run in-process through the same entry point as the console scripts
-(:func:`free_dfml.server.cli.run_cli`), plus a few real console-script runs.
+(:func:`free_dfml.common.cli.run_cli`), plus a few real console-script runs.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ BIN = Path(sys.executable).parent
 
 
 def cli(capsys, which: str, *argv: str) -> tuple[int, str, str]:
-    from free_dfml.server.cli import run_cli
+    from free_dfml.common.cli import run_cli
     if which == "free-client":
         from free_dfml.client.cli import app
     elif which == "free-server":
@@ -180,3 +180,66 @@ def test_keygen_refuses_to_overwrite(capsys, tmp_path):
     code, _, err = cli(capsys, "free-client", "keygen", "--out", tmp_path / "k")
     assert code != 0
     one_line_error(err, "not overwriting")
+
+
+def test_client_side_never_imports_server_code():
+    """An edge device installs the same wheel but must not load the server (its trainer, generator,
+    Flower ServerApp): every client module imports only ``free_dfml.common``."""
+    code = ("import sys, free_dfml.client.cli, free_dfml.client.client_app, free_dfml.client.train\n"
+            "bad = sorted(m for m in sys.modules if m.startswith('free_dfml.server'))\n"
+            "print(','.join(bad)); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"client modules loaded server modules: {r.stdout.strip()} {r.stderr[-500:]}"
+
+
+def test_server_evaluate_scores_the_checkpointed_learner(capsys, tmp_path, tiny_packages, fake_dataset):
+    """``free-server evaluate`` on a state folder: loads the last checkpoint (not a fresh learner),
+    scores it on a folder-per-class data set, prints and records the result; bad settings are one line."""
+    import json
+
+    from PIL import Image
+
+    from free_dfml.common.datasets import open_dataset
+    from free_dfml.common.evaluation import evaluate
+    from free_dfml.server.state import StateDir
+    from free_dfml.server.trainer import FreeConfig, FreeTrainer
+    from free_dfml.server.zoo import Zoo
+
+    state = StateDir(tmp_path / "state").create()
+    zoo = Zoo(state.zoo_dir)
+    for p in tiny_packages[:4]:
+        zoo.add(p)
+    trainer = FreeTrainer(zoo, FreeConfig.preset("tiny", warmup=1), state_dir=state.checkpoint_dir, device="cpu")
+    trainer.run(3, progress=False)
+    trainer.checkpoint()
+
+    # the fake data set as a folder-per-class tree (PNG files) with an explicit split file
+    root = tmp_path / "data"
+    split_file: dict[str, list[str]] = {}
+    for split, n in (("train", 5), ("val", 5), ("test", 8)):
+        data = fake_dataset.split(split)
+        split_file[split] = []
+        for c in range(n):
+            d = root / f"{split}{c}"
+            d.mkdir(parents=True)
+            split_file[split].append(d.name)
+            for i, x in enumerate(data.images[data.labels == c]):
+                Image.fromarray(x.permute(1, 2, 0).numpy()).save(d / f"{i}.png")
+    (root / "split.json").write_text(json.dumps(split_file))
+
+    code, out, err = cli(capsys, "free-server", "evaluate", "--state", state.root, "--data", root,
+                         "--episodes", 12, "--device", "cpu")
+    assert code == 0, err
+    rec = json.loads((state.root / "last_evaluation.json").read_text())
+    assert rec["iteration"] == 3 and rec["episodes"] == 12 and rec["shot"] == 1
+    direct = evaluate(trainer.learner, open_dataset(str(root), image_size=32).split("test"), way=5, shot=1,
+                      episodes=12, steps=trainer.cfg.eval_steps, lr=trainer.cfg.inner_lr, seed=0)
+    assert rec["eval_1shot"] == pytest.approx(direct.mean, abs=1e-6)     # the checkpointed learner
+    assert "iteration 3" in out and "5-way 1-shot" in out
+
+    code, _, err = cli(capsys, "free-server", "evaluate", "--state", state.root, "--data", root, "--way", 3)
+    assert code != 0
+    one_line_error(err, "--way 3")
+    code, _, err = cli(capsys, "free-server", "evaluate", "--state", state.root, "--data", tmp_path / "nope")
+    assert code != 0
+    one_line_error(err)
