@@ -111,7 +111,7 @@ class StackedTeachers:
 def _subset_tensors(subsets: Sequence[Sequence[int] | None], num_classes: int, way: int,
                     y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per-teacher gather indices [T, s] and kept-sample weights [T, n] (restrict() without masking)."""
-    idx, keep = [], []
+    idx = []
     for sub in subsets:
         sub = list(range(min(way, num_classes))) if sub is None else list(sub)
         if len(sub) > way:

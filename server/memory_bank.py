@@ -2,12 +2,15 @@
 
 Every key (``"<model_id>:<class>"``, or ``"label:<name>"`` where clients share class identifiers)
 owns a ring buffer of at most ``capacity`` images, stored as uint8 (or float16) tensors at the
-meta-learner's size. Nothing is ever written as an image file: :meth:`MemoryBank.state_dict` gives
+meta-learner's size. ``max_bytes`` bounds the whole bank: when a new key would take it past that,
+the key written to longest ago is dropped (its model's classes come back when FIVE next visits
+it), so memory stays flat however many models the zoo holds. Nothing is ever written as an image file: :meth:`MemoryBank.state_dict` gives
 plain tensors plus a JSON-able description, stored inside the trainer's safetensors checkpoint.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -49,14 +52,44 @@ class _Ring:
 
 class MemoryBank:
     def __init__(self, capacity: int = 400, image_shape: tuple[int, int, int] = (3, 32, 32),
-                 dtype: torch.dtype = torch.uint8):
+                 dtype: torch.dtype = torch.uint8, max_bytes: int | None = None):
         if capacity < 1:
             raise ValueError("bank capacity must be >= 1")
         if dtype not in (torch.uint8, torch.float16):
             raise ValueError("bank dtype must be uint8 or float16")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError("bank max_bytes must be >= 1 (or None: unbounded)")
         self.capacity, self.image_shape, self.dtype = capacity, tuple(image_shape), dtype
-        self._rings: dict[str, _Ring] = {}
+        self.max_bytes = max_bytes
+        self._rings: OrderedDict[str, _Ring] = OrderedDict()   # least recently written first
         self._model_of: dict[str, str] = {}
+        self.evicted = 0
+
+    @staticmethod
+    def ring_bytes(capacity: int, image_shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        """Bytes one key's ring takes (preallocated at full capacity)."""
+        n = capacity
+        for d in image_shape:
+            n *= int(d)
+        return n * (1 if dtype == torch.uint8 else 2)
+
+    @property
+    def max_keys(self) -> int | None:
+        """How many keys fit under ``max_bytes`` (None: no bound)."""
+        if self.max_bytes is None:
+            return None
+        return max(1, self.max_bytes // self.ring_bytes(self.capacity, self.image_shape, self.dtype))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.data.numel() * r.data.element_size() for r in self._rings.values())
+
+    def _evict(self) -> None:
+        limit = self.max_keys
+        while limit is not None and len(self._rings) > limit:
+            key, _ = self._rings.popitem(last=False)
+            self._model_of.pop(key, None)
+            self.evicted += 1
 
     # -------------------------------------------------------------------------------- writing
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +117,10 @@ class MemoryBank:
             if ring is None:
                 ring = self._rings[key] = _Ring(self.capacity, self.image_shape, self.dtype)
                 self._model_of[key] = model_id
+            else:
+                self._rings.move_to_end(key)
             ring.add(enc[labels == c])
+        self._evict()
 
     # -------------------------------------------------------------------------------- reading
     def keys(self) -> list[str]:
@@ -156,7 +192,7 @@ class MemoryBank:
         self.capacity = int(info["capacity"])
         self.image_shape = tuple(info["image_shape"])
         self.dtype = getattr(torch, info["dtype"])
-        self._rings, self._model_of = {}, {}
+        self._rings, self._model_of = OrderedDict(), {}
         for i, e in enumerate(info["entries"]):
             ring = _Ring(self.capacity, self.image_shape, self.dtype)
             data = tensors[f"bank.{i}"].to(self.dtype)
@@ -164,3 +200,4 @@ class MemoryBank:
             ring.size, ring.pos = len(data), int(e["pos"])
             self._rings[e["key"]] = ring
             self._model_of[e["key"]] = e["model"]
+        self._evict()   # a smaller max_bytes than the checkpoint's: keep the newest keys

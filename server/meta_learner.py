@@ -125,18 +125,26 @@ class MetaLearner:
         return lambda x: forward(self.model, params, x, buffers)
 
     # ------------------------------------------------------------------------------------- BELL
-    def bell(self, items: Sequence[tuple[Teacher, torch.Tensor, torch.Tensor, Sequence[int] | None]]
-             ) -> dict[str, float]:
+    def bell(self, items: Sequence[tuple[Teacher, torch.Tensor, torch.Tensor, Sequence[int] | None]],
+             rng: torch.Generator | None = None) -> dict[str, float]:
         """Sequential distillation over ``items`` = (teacher, images, labels, subset), then the
-        Reptile-style interpolation ``theta += beta * (theta' - theta)``. Returns mean KL before/after."""
+        Reptile-style interpolation ``theta += beta * (theta' - theta)``. Returns the mean KL.
+
+        With ``augment="color"`` and an ``rng``, the meta-learner sees colour-augmented copies of
+        the images while the teacher's targets come from the images as recovered, so BELL, like
+        replay, cannot fit the teachers' colour statistics instead of shapes."""
         fast = parameters_of(self.model, detach=True)
         buffers = buffers_of(self.model)
         state = AdamState()
         losses = []
         for teacher, x, y, subset in items:
             x, y = x.to(self.device), y.to(self.device)
+            with torch.no_grad():
+                t_logits = teacher.logits(x)
+            xs = color_augment(x, rng) if self.augment == "color" and rng is not None else x
             with torch.enable_grad():
-                loss = distill_loss(teacher, forward(self.model, fast, x, buffers), x, y, subset)
+                loss = distill_loss(teacher, forward(self.model, fast, xs, buffers), x, y, subset,
+                                    teacher_logits=t_logits)
                 grads = dict(zip(fast, torch.autograd.grad(loss, list(fast.values()))))
             losses.append(float(loss.detach()))
             if self.bell_optimizer == "adam":

@@ -1,49 +1,16 @@
-"""A small synthetic FewShotDataset for the server tests.
-
-Used only while ``free_dfml.common.datasets`` does not exist yet (the glyph data set is written by
-another engineer): :func:`ensure_datasets_module` then installs a stand-in module with the same
-interface (``SplitData``, ``FewShotDataset``, ``to_float``, ``open_dataset``) so that
-``common.episodes`` / ``common.evaluation`` import. Each class is a distinct coloured pattern
-(per-class random low-frequency colour field) plus per-image noise and shifts: learnable, and
-classes of different splits differ.
+"""A small synthetic FewShotDataset for the server tests, with the interface of
+``free_dfml.common.datasets`` (``split``, ``classes``, ``subset``). Each class is a distinct coloured
+pattern (per-class random low-frequency colour field) plus per-image noise and shifts: learnable,
+and classes of different splits differ. Seconds to build, so the algorithm tests need neither the
+glyph cache nor minutes of CPU.
 """
 
 from __future__ import annotations
 
-import sys
-import types
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-
-def _to_float(x: torch.Tensor) -> torch.Tensor:
-    return x.float() / 255.0
-
-
-try:   # the real container when it exists, so the fake is a drop-in
-    from free_dfml.common.datasets import SplitData, to_float
-except ImportError:  # pragma: no cover - before common/datasets.py landed
-    SplitData, to_float = None, _to_float
-
-
-@dataclass
-class _FakeSplitData:
-    images: torch.Tensor
-    labels: torch.Tensor
-    classes: list[str]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def class_indices(self) -> list[torch.Tensor]:
-        return [torch.nonzero(self.labels == c).flatten() for c in range(self.num_classes)]
-
-
-if SplitData is None:  # pragma: no cover
-    SplitData = _FakeSplitData
+from free_dfml.common.datasets import SplitData, to_float
 
 
 class FakeFewShotDataset:
@@ -84,22 +51,3 @@ class FakeFewShotDataset:
             labels.append(torch.full((len(i),), new, dtype=torch.int64))
         idx = torch.cat(idx)
         return SplitData(data.images[idx], torch.cat(labels), [data.classes[c] for c in class_indices])
-
-
-def ensure_datasets_module() -> bool:
-    """Install the stand-in ``free_dfml.common.datasets`` if the real one is missing; True if installed."""
-    try:
-        import free_dfml.common.datasets  # noqa: F401
-        return False
-    except ImportError:
-        pass
-    mod = types.ModuleType("free_dfml.common.datasets")
-    mod.SplitData = _FakeSplitData
-    mod.FewShotDataset = FakeFewShotDataset
-    mod.to_float = to_float
-    mod.open_dataset = lambda name="fake", image_size=32, seed=0, images_per_class=None, cache_dir=None: \
-        FakeFewShotDataset(image_size=image_size, seed=seed, images_per_class=images_per_class or 30)
-    sys.modules["free_dfml.common.datasets"] = mod
-    import free_dfml.common as common
-    common.datasets = mod
-    return True

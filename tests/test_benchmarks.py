@@ -166,7 +166,7 @@ def test_tiny_preset_end_to_end(tmp_path):
 
 
 def test_trainer_with_batched_inversion_matches_plain_trainer(float64, tmp_path, monkeypatch):
-    """A FreeTrainer whose FIVE steps go through ``install`` trains to the same state (float64; the
+    """A FreeTrainer with ``batched_inversion=True`` (FIVE steps through ``install``) trains to the same state (float64; the
     bank's uint8 images decode to float32, patched here to the default dtype)."""
     from free_dfml.common.package import make_package
     from free_dfml.server.memory_bank import MemoryBank
@@ -182,8 +182,10 @@ def test_trainer_with_batched_inversion_matches_plain_trainer(float64, tmp_path,
     monkeypatch.setattr(MemoryBank, "_decode", lambda self, x: x.to(torch.get_default_dtype())
                         / (255 if x.dtype == torch.uint8 else 1))
     cfg = FreeConfig.preset("tiny", warmup=1, iterations=3)
-    plain, batched = FreeTrainer(zoo, cfg, device="cpu"), FreeTrainer(zoo, cfg, device="cpu")
-    bi.install(batched)
+    plain = FreeTrainer(zoo, cfg, device="cpu")
+    batched = FreeTrainer(zoo, FreeConfig.preset("tiny", warmup=1, iterations=3, batched_inversion=True),
+                          device="cpu")
+    assert "step" in batched.metagen.__dict__ and "step" not in plain.metagen.__dict__  # the switch installs it
     plain.run(3, progress=False)
     batched.run(3, progress=False)
     assert any(h.get("replay_batches", 0) > 0 and "bell_kl" in h for h in plain.history)  # L_adv, BELL, replay ran

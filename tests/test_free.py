@@ -132,6 +132,48 @@ def test_bank_ring_capacity_keeps_newest():
     assert bank.count("m:0") == 5
 
 
+
+def test_bank_bound_is_global_and_drops_the_longest_unwritten_keys():
+    """``max_bytes`` bounds the whole bank, not each key: a zoo of any size fits in it."""
+    ring = MemoryBank.ring_bytes(4, (1, 4, 4), torch.uint8)
+    bank = MemoryBank(capacity=4, image_shape=(1, 4, 4), max_bytes=3 * ring)
+    assert bank.max_keys == 3
+    for i in range(3):
+        bank.add(f"m{i}", torch.rand(2, 1, 4, 4), torch.tensor([0, 0]))
+    bank.add("m0", torch.rand(1, 1, 4, 4), torch.tensor([0]))       # m0 written again: now newest
+    for i in range(3, 6):
+        bank.add(f"m{i}", torch.rand(2, 1, 4, 4), torch.tensor([0, 0]))
+        assert len(bank.keys()) == 3 and bank.nbytes <= bank.max_bytes
+    assert bank.keys() == ["m3:0", "m4:0", "m5:0"] and bank.models() == ["m3", "m4", "m5"]
+    assert bank.evicted == 3
+    bank.add("m6", torch.rand(2, 1, 4, 4), torch.tensor([0, 0]))
+    bank.add("m4", torch.rand(1, 1, 4, 4), torch.tensor([0]))
+    bank.add("m7", torch.rand(2, 1, 4, 4), torch.tensor([0, 0]))
+    assert sorted(bank.keys()) == ["m4:0", "m6:0", "m7:0"]          # m5 was written longest ago
+    # a checkpoint restored into a smaller bound keeps the newest keys
+    tensors, info = bank.state_dict()
+    small = MemoryBank(max_bytes=2 * ring)
+    small.load_state_dict(tensors, info)
+    assert small.keys() == ["m4:0", "m7:0"]
+    big = MemoryBank(capacity=4, image_shape=(1, 4, 4))            # None: unbounded
+    for i in range(50):
+        big.add(f"m{i}", torch.rand(1, 1, 4, 4), torch.tensor([0]))
+    assert len(big.keys()) == 50 and big.evicted == 0
+
+
+def test_trainer_bank_bound_holds_over_many_models(tiny_zoo):
+    cfg = FreeConfig.preset("tiny", teachers_per_iter=3, warmup=5)
+    ring = MemoryBank.ring_bytes(cfg.bank_capacity, (3, 32, 32), torch.uint8)
+    bounded = FreeConfig.preset("tiny", teachers_per_iter=3, warmup=5,
+                                bank_max_mb=(2 * cfg.way + 1) * ring / 2 ** 20)
+    tr = FreeTrainer(tiny_zoo, bounded, device="cpu")
+    for _ in range(3):
+        tr.step()
+        assert len(tr.bank.keys()) <= 2 * cfg.way + 1
+    assert tr.bank.evicted > 0
+    with pytest.raises(ValueError, match="bank_max_mb"):
+        FreeConfig.preset("tiny", bank_max_mb=ring / 2 ** 20).validate()
+
 def test_bank_holds_every_teacher_and_gives_valid_cross_model_episodes(tiny_zoo):
     cfg = FreeConfig.preset("tiny", teachers_per_iter=3, warmup=5)
     tr = FreeTrainer(tiny_zoo, cfg, device="cpu")
