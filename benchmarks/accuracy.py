@@ -111,9 +111,6 @@ def run_method(ctx: Ctx, deps: dict, *, method: str, zoo_job: str = "zoo:main",
     elif method in ("free", "free-noalign", "scratch"):
         from free_dfml.server.trainer import FreeTrainer
         trainer = FreeTrainer(zoo, cfg, device=device)
-        if p.batched_inversion and cfg.inversion == "five":
-            from free_dfml.server.batched_inversion import install
-            install(trainer)
         for target in track_points(iterations, p.track_every if tracking else 0):
             t0 = time.perf_counter()
             trainer.run(target, progress=False)
@@ -194,6 +191,18 @@ def jobs(p) -> list[Job]:
     return out
 
 
+def collect(sec: dict, method: str, outcome, **extra) -> None:
+    """One method's outcome into ``sec["methods"]`` (without what only the run's work folder
+    needed: its config, the generator path) or its error into ``sec["errors"]``."""
+    if outcome is None:
+        return
+    if not outcome.ok:
+        sec["errors"][method] = outcome.error
+        return
+    r = {k: v for k, v in outcome.result.items() if k not in ("config", "generator_path")}
+    sec["methods"][method] = {**r, **extra}
+
+
 def summarize(outcomes: dict, p) -> dict:
     zoo = outcomes.get("zoo:main")
     sec: dict = {"methods": {}, "errors": {}}
@@ -203,17 +212,7 @@ def summarize(outcomes: dict, p) -> dict:
                       "mean_client_holdout_accuracy": round(z["mean_holdout_accuracy"], 4),
                       "client_train_s": z["train_s"], "classes": len(z["classes"])}
     for m in METHODS:
-        o = outcomes.get(f"acc:{m}")
-        if o is None:
-            continue
-        if o.ok:
-            r = dict(o.result)
-            r.pop("config", None)
-            r.pop("generator_path", None)   # lives in the run's work folder, deleted at the end
-            r["label"] = LABELS[m]
-            sec["methods"][m] = r
-        else:
-            sec["errors"][m] = o.error
+        collect(sec, m, outcomes.get(f"acc:{m}"), label=LABELS[m])
     sec["protocol"] = {"episodes": p.eval_episodes, "query": 15, "adapt_steps": 10,
                        "eval_seed": p.eval_seed, "shots": list(p.eval_shots), "way": 5}
     return sec

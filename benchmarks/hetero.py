@@ -48,6 +48,7 @@ def jobs(p) -> list[Job]:
 
 
 def summarize(outcomes: dict, p) -> dict:
+    from benchmarks.accuracy import collect
     sec: dict = {}
     for plan in PLANS:
         zo = outcomes.get(f"zoo:{plan}")
@@ -65,15 +66,6 @@ def summarize(outcomes: dict, p) -> dict:
         else:
             entry["errors"]["zoo"] = zo.error
         for m in p.hetero_methods:
-            o = outcomes.get(f"hetero:{plan}:{m}")
-            if o is None:
-                continue
-            if o.ok:
-                r = dict(o.result)
-                r.pop("config", None)
-                r.pop("generator_path", None)
-                entry["methods"][m] = r
-            else:
-                entry["errors"][m] = o.error
+            collect(entry, m, outcomes.get(f"hetero:{plan}:{m}"))
         sec[plan] = entry
     return sec

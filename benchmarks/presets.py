@@ -38,7 +38,7 @@ class Preset:
     # fresh generator reaches agreement 1.0 on glyph teachers within ~11 steps; full uses 200
     scratch_steps: int = 25
     oracle_batches: int | None = None  # MAML meta-batches on real data; None: iterations * max_replay_batches
-    batched_inversion: bool = False    # run FIVE / scratch inversion through server/batched_inversion
+    batched_inversion: bool = False    # FreeConfig.batched_inversion for every FREE-family method
     track_every: int = 20              # meta-val accuracy for the accuracy-vs-iterations plot (0: off)
     track_episodes: int = 50
     # evaluation (identical for every method) ----------------------------------------------------
@@ -69,6 +69,7 @@ class Preset:
     scaling_iterations: int = 5
     scaling_width: int = 8
     scaling_cache: int = 16            # Zoo teacher LRU cache size
+    scaling_bank_mb: float = 8.0       # FreeConfig.bank_max_mb there: small, so that the bound is exercised
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -80,7 +81,7 @@ class Preset:
     def free_overrides(self) -> dict[str, Any]:
         return {"image_size": self.image_size, "learner_width": self.client_width,
                 "iterations": self.iterations, "seed": self.seed, "scratch_steps": self.scratch_steps,
-                **self.free}
+                "batched_inversion": self.batched_inversion, **self.free}
 
     def oracle_meta_batches(self, max_replay_batches: int) -> int:
         return self.oracle_batches if self.oracle_batches is not None else self.iterations * max_replay_batches
@@ -94,7 +95,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                  recovery_models=2, recovery_five_steps=4, recovery_scratch_steps=8,
                  batched_T=(2, 4), batched_width=4, batched_repeats=1,
                  hetero_clients=3, hetero_widths=(8, 4, 4), hetero_iterations=2,
-                 scaling_sizes=(4, 8, 16), scaling_iterations=1, scaling_width=4, scaling_cache=2),
+                 scaling_sizes=(4, 8, 16), scaling_iterations=1, scaling_width=4, scaling_cache=2,
+                 scaling_bank_mb=0.5),
     # 2 CPU cores, under 30 minutes
     "quick": dict(),
     # paper-size: 100 models, Conv4-64 learner and teachers, 1000 iterations, 200 scratch steps (GPU)
@@ -105,7 +107,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  batched_samples_per_class=None, hetero_methods=("random", "average", "free-noalign", "free"),
                  hetero_clients=30, hetero_widths=(64, 64, 64), hetero_iterations=1000,
                  hetero_eval_shots=(1, 5), scaling_width=32, scaling_iterations=10,
-                 scaling_cache=32),
+                 scaling_cache=32, scaling_bank_mb=64.0),
 }
 
 

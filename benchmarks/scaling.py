@@ -72,7 +72,7 @@ def child(size: int, root: str, preset: dict, device: str, threads: int) -> dict
         return orig(mid)
 
     zoo.package = counting     # count teacher loads from disk (LRU cache misses)
-    cfg = free_config(p, warmup=1, learner_width=p.scaling_width)
+    cfg = free_config(p, warmup=1, learner_width=p.scaling_width, bank_max_mb=p.scaling_bank_mb)
     t0 = time.perf_counter()
     trainer = FreeTrainer(zoo, cfg, device=device)
     init_s = time.perf_counter() - t0
@@ -85,7 +85,7 @@ def child(size: int, root: str, preset: dict, device: str, threads: int) -> dict
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     peak_train = peak_rss_mb()
-    bank_bytes = sum(r.data.nbytes for r in trainer.bank._rings.values())
+    bank_bytes = trainer.bank.nbytes
     out = {"size": size, "zoo_models": len(zoo), "ingest_s": round(ingest_s, 3),
            "ingest_ms_per_model": round(1000 * ingest_s / max(1, size), 3),
            "trainer_init_s": round(init_s, 3),
@@ -96,10 +96,11 @@ def child(size: int, root: str, preset: dict, device: str, threads: int) -> dict
            "peak_rss_mb": round(max(peak_ingest, peak_train), 1), "peak_reset": reset_ok,
            "teacher_loads": loads["n"], "teacher_cache": p.scaling_cache, "teachers_cached": zoo.cached(),
            "bank_keys": len(trainer.bank.keys()), "bank_mb": round(bank_bytes / 2 ** 20, 2),
-           # the bank preallocates one ring of bank_capacity images per (model, class) key it has seen:
-           # what it would hold once every model of the zoo has been visited
-           "bank_mb_all_models_visited": round(size * 5 * cfg.bank_capacity * c * p.image_size ** 2
-                                               * (1 if cfg.bank_dtype == "uint8" else 2) / 2 ** 20, 1),
+           "bank_bound_mb": cfg.bank_max_mb, "bank_evicted_keys": trainer.bank.evicted,
+           # without the bound: one ring of bank_capacity images per (model, class) key ever seen,
+           # i.e. this much once every model of the zoo has been visited
+           "bank_mb_unbounded_all_visited": round(size * 5 * cfg.bank_capacity * c * p.image_size ** 2
+                                                  * (1 if cfg.bank_dtype == "uint8" else 2) / 2 ** 20, 1),
            "disk_mb": round(sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file()) / 2 ** 20, 2)}
     if device.startswith("cuda"):
         out["gpu_peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
