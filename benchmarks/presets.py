@@ -59,11 +59,11 @@ class Preset:
     # heterogeneity -------------------------------------------------------------------------------
     hetero_clients: int = 9
     hetero_archs: tuple[str, ...] = ("conv4", "resnet10", "resnet18")
-    hetero_widths: tuple[int, ...] = (16, 8, 8)
+    hetero_widths: tuple[int, ...] = (32, 16, 16)
     hetero_image_sizes: tuple[int, ...] = (32, 64)   # the domain zoo mixes these input sizes
-    hetero_iterations: int = 30
+    hetero_iterations: int = 60
     hetero_eval_shots: tuple[int, ...] = (1,)
-    hetero_methods: tuple[str, ...] = ("random", "average", "free")
+    hetero_methods: tuple[str, ...] = ("random", "average", "free-noalign", "free")
     # scaling -------------------------------------------------------------------------------------
     scaling_sizes: tuple[int, ...] = (100, 300, 1000)
     scaling_iterations: int = 5
@@ -94,7 +94,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  oracle_batches=4, track_every=2, track_episodes=4, eval_episodes=10,
                  recovery_models=2, recovery_five_steps=4, recovery_scratch_steps=8,
                  batched_T=(2, 4), batched_width=4, batched_repeats=1,
-                 hetero_clients=3, hetero_widths=(8, 4, 4), hetero_iterations=2,
+                 hetero_clients=3, hetero_widths=(8, 4, 4), hetero_iterations=2, hetero_methods=("random", "average", "free"),
                  scaling_sizes=(4, 8, 16), scaling_iterations=1, scaling_width=4, scaling_cache=2,
                  scaling_bank_mb=0.5),
     # 2 CPU cores, under 30 minutes
@@ -104,7 +104,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  client_epochs=60, free_preset="paper", iterations=1000, scratch_steps=200, oracle_batches=10000,
                  track_every=100, track_episodes=200, recovery_models=10, recovery_five_steps=50,
                  recovery_scratch_steps=1000, batched_width=64, batched_repeats=3,
-                 batched_samples_per_class=None, hetero_methods=("random", "average", "free-noalign", "free"),
+                 batched_samples_per_class=None,
                  hetero_clients=30, hetero_widths=(64, 64, 64), hetero_iterations=1000,
                  hetero_eval_shots=(1, 5), scaling_width=32, scaling_iterations=10,
                  scaling_cache=32, scaling_bank_mb=64.0),

@@ -155,6 +155,7 @@ def test_tiny_preset_end_to_end(tmp_path):
     sc = doc["sections"]["scaling"]
     assert [r["size"] for r in sc["rows"]] == [4, 8, 16]
     assert all(r["zoo_models"] == r["size"] and r["peak_rss_mb"] > 0 for r in sc["rows"])
+    assert all(r["bank_mb"] <= r["bank_bound_mb"] == 0.5 for r in sc["rows"])     # the bank's bound holds
     assert doc["targets"]
     md = (out / "results.md").read_text()
     for needle in ("## 1. Accuracy", "## 2. Recovery speed", "## 3. Batched", "## 4. Heterogeneous",
