@@ -29,7 +29,7 @@ from typing import Optional
 import typer
 
 from free_dfml.common.cli import CliError, is_loopback, parse_address, run_cli
-from free_dfml.common.processes import stop_process_tree
+from free_dfml.common.processes import stop_process_tree, venv_env, venv_exe
 
 EXIT_REJECTED = 3
 EXIT_TIMEOUT = 4
@@ -232,16 +232,14 @@ def submit(
         node_config = " ".join([f"model-path={_toml_str(str(model.resolve()))}",
                                 f"ack-path={_toml_str(str(ack))}",
                                 f"verify={'false' if no_verify else 'true'}"])
-        cmd = [_exe("flower-supernode"), "--superlink", f"{host}:{port}", "--node-config", node_config,
+        cmd = [venv_exe("flower-supernode"), "--superlink", f"{host}:{port}", "--node-config", node_config,
                "--port", str(_free_port())]
         cmd += ["--root-certificates", str(root_cert.resolve())] if root_cert is not None else ["--insecure"]
         if auth_key is not None:
             cmd += ["--auth-supernode-private-key", str(auth_key.resolve())]
         log_path = keep_logs if keep_logs is not None else Path(tmp) / "supernode.log"
         log = open(log_path, "ab")
-        env = dict(os.environ)
-        env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-        env["FLWR_HOME"] = str(Path(tmp) / "flwr-home")
+        env = venv_env({"FLWR_HOME": str(Path(tmp) / "flwr-home")})
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 cwd=tmp)
         result = None
@@ -290,11 +288,6 @@ def _last_error(path: Path) -> str:
             return f"{ln.split('ERROR')[-1].strip(' :')}: {lines[i + 1]}"[:300]
     errs = [ln for ln in lines if "ERROR" in ln or "Error" in ln]
     return (errs or lines or [""])[-1][:300]
-
-
-def _exe(name: str) -> str:
-    p = Path(sys.executable).parent / name
-    return str(p) if p.exists() else name
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
-"""Process trees: the Flower processes free-dfml starts (SuperLink, SuperNode, their SuperExec and
-app processes) must all be gone when a command ends, also when Flower re-parents them into other
-sessions. Linux ``/proc`` only, like the deployment commands that use it.
+"""The Flower processes free-dfml starts (SuperLink, SuperNode, their SuperExec and app processes):
+launched from this Python's environment (:func:`venv_exe`, :func:`venv_env`), and all gone when a
+command ends, also when Flower re-parents them into other sessions (:func:`stop_process_tree`).
+Linux ``/proc`` only, like the deployment commands that use it.
 """
 
 from __future__ import annotations
@@ -8,8 +9,27 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
+
+
+def venv_exe(name: str) -> str:
+    """The console script ``name`` of this Python's environment (flower-superlink, flwr, ...), or the
+    bare name for a PATH lookup when this environment has none."""
+    p = Path(sys.executable).parent / name
+    return str(p) if p.exists() else name
+
+
+def venv_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a Flower child process: this Python's bin folder first on PATH (so that
+    Flower's own subprocesses find the same installation), unbuffered output, plus ``extra``."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if extra:
+        env.update(extra)
+    return env
 
 
 def pid_alive(pid: int | None) -> bool:

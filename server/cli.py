@@ -33,7 +33,8 @@ from typing import Any, Optional
 import typer
 
 from free_dfml.common.cli import CliError, is_loopback, parse_address, run_cli
-from free_dfml.common.processes import cmdline, descendants, pid_alive, stop_process_tree, terminate
+from free_dfml.common.processes import (cmdline, descendants, pid_alive, stop_process_tree, terminate,
+                                        venv_env, venv_exe)
 from free_dfml.server.state import StateDir, atomic_write_json, read_json
 
 DEFAULT_STATE = "free-server-state"
@@ -48,21 +49,6 @@ STATE_OPT = typer.Option(DEFAULT_STATE, "--state", help="state folder (zoo, chec
 
 
 # ------------------------------------------------------------------------------ helpers
-
-def _venv_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    bindir = str(Path(sys.executable).parent)
-    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    if extra:
-        env.update(extra)
-    return env
-
-
-def _exe(name: str) -> str:
-    p = Path(sys.executable).parent / name
-    return str(p) if p.exists() else name
-
 
 def wait_port(host: str, port: int, proc: subprocess.Popen | None, timeout: float) -> None:
     end = time.time() + timeout
@@ -177,7 +163,7 @@ def cleanup_stale(state: StateDir) -> None:
 
 
 def submit_run(state: StateDir, env: dict[str, str], timeout: float = 60) -> int:
-    cmd = [_exe("flwr"), "run", str(state.app_dir), "free-server", "--format", "json"]
+    cmd = [venv_exe("flwr"), "run", str(state.app_dir), "free-server", "--format", "json"]
     try:
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -265,7 +251,7 @@ def _start_detached(state: StateDir, timeout: float) -> None:
     log = open(state.logs_dir / "server.out", "ab")
     started = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "free_dfml.server.cli", *argv], stdout=log, stderr=log,
-                            stdin=subprocess.DEVNULL, start_new_session=True, env=_venv_env())
+                            stdin=subprocess.DEVNULL, start_new_session=True, env=venv_env())
     end = started + timeout + 30
     while time.time() < end:
         if proc.poll() is not None:
@@ -297,8 +283,8 @@ def _serve(state: StateDir, settings, host: str, port: int, tls: list[Path | Non
     control_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     control = f"[{control_host}]:{port}" if ":" in control_host else f"{control_host}:{port}"
     write_flwr_home(state, control, tls[2])
-    env = _venv_env({"FLWR_HOME": str(state.flwr_home)})
-    cmd = [_exe("flower-superlink"), "--disable-runtime-dependency-installation",
+    env = venv_env({"FLWR_HOME": str(state.flwr_home)})
+    cmd = [venv_exe("flower-superlink"), "--disable-runtime-dependency-installation",
            "--database", str(state.database), "--host", host, "--port", str(port)]
     if all(tls):
         cmd += ["--ssl-certfile", str(tls[0]), "--ssl-keyfile", str(tls[1]), "--ssl-ca-certfile", str(tls[2])]
@@ -424,10 +410,7 @@ def status(state_dir: Path = STATE_OPT,
         ck = tr.get("last_checkpoint")
         if ck:
             print(f"checkpoint iteration {ck.get('iteration')}")
-        ev = st.get("last_evaluation")
-        ev_file = read_json(state.root / "last_evaluation.json")
-        if ev_file and (not ev or ev_file.get("time", 0) > ev.get("time", 0)):
-            ev = ev_file
+        ev = doc.get("last_evaluation")     # the newer of status.json's and `evaluate`'s
         if ev:
             print(f"evaluation {json.dumps({k: v for k, v in ev.items() if k != 'time'}, default=str)}")
     else:
@@ -466,10 +449,10 @@ def register_node(state_dir: Path = STATE_OPT,
         raise CliError(f"no server is running on {state.root}", 1)
     if not (state.read_server() or {}).get("node_auth"):
         raise CliError("the server was not started with --node-auth", 1)
-    cmd = [_exe("flwr"), "supernode", "register", str(key.resolve()), "free-server", "--format", "json"]
+    cmd = [venv_exe("flwr"), "supernode", "register", str(key.resolve()), "free-server", "--format", "json"]
     if name:
         cmd += ["--name", name]
-    r = subprocess.run(cmd, env=_venv_env({"FLWR_HOME": str(state.flwr_home)}), capture_output=True, text=True,
+    r = subprocess.run(cmd, env=venv_env({"FLWR_HOME": str(state.flwr_home)}), capture_output=True, text=True,
                        timeout=60)
     out = (r.stdout + r.stderr).strip()
     m = re.search(r'"node-id"\s*:\s*"?(\d+)', out)
