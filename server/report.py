@@ -50,14 +50,19 @@ def console():
     return Console()
 
 
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def save_accuracy_plot(history: list[dict], path: Path) -> bool:
     pts = [(h["iteration"], h["eval_1shot"], h.get("eval_1shot_ci95", 0.0))
            for h in history if "eval_1shot" in h]
     if not pts:
         return False
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     it, acc, ci = zip(*pts)
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.errorbar(it, [100 * a for a in acc], yerr=[100 * c for c in ci], marker="o", capsize=3)
@@ -73,9 +78,7 @@ def save_accuracy_plot(history: list[dict], path: Path) -> bool:
 
 def save_recovered_grid(trainer, ids: list[str], path: Path, per_class: int = 4,
                max_models: int = 10) -> bool:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     from torchvision.utils import make_grid
     rows, width = [], 0
     for mid in ids[:max_models]:
@@ -115,9 +118,9 @@ def _headers(doc: dict) -> list[str]:
     return ["method"] + [f"5-way {k.replace('shot', '-shot')} (%)" for k in sorted(first)] + ["eval s"]
 
 
-def markdown(doc: dict) -> str:
+def markdown(doc: dict, title: str = "FREE demo results") -> str:
     h = _headers(doc)
-    lines = ["# FREE demo results", "",
+    lines = [f"# {title}", "",
              f"Meta-test split, {doc['config']['eval_episodes']} episodes, 15 queries a class, "
              f"10 adaptation steps, inner lr {doc['config']['free_config']['inner_lr']} for every method; "
              "95% intervals.", "",

@@ -185,8 +185,7 @@ def run_sim(cfg: SimConfig, *, progress: bool = True) -> dict:
     if above is not None:
         doc["free_above_random"] = above
     (out / "results.json").write_text(json.dumps(doc, indent=2, default=str))
-    md = report.markdown(doc).replace("# FREE demo results",
-                                      f"# FREE federated simulation ({cfg.clients} Flower clients)", 1)
+    md = report.markdown(doc, title=f"FREE federated simulation ({cfg.clients} Flower clients)")
     md += (f"\nFederation (client training + FREE through Flower's simulation engine): {t_fed:.0f} s; "
            f"{len(accepted)} of {cfg.clients} client models accepted.\n")
     (out / "results.md").write_text(md)
