@@ -46,12 +46,16 @@ def _teachers(T: int, width: int, cfg, device, seed: int):
     return out
 
 
-def _diff(a, b) -> dict:
+def _diff(a, b, gen_a, gen_b) -> dict:
+    """Largest absolute differences between two FIVE steps' results (``a``, ``b``) and between the
+    meta-updated generators they left behind."""
     img = max(float((x.images - y.images).abs().max()) for x, y in zip(a, b))
     grad = max(float((x.last_grads[k] - y.last_grads[k]).abs().max()) for x, y in zip(a, b)
                for k in x.last_grads)
     scale = max(float(x.last_grads[k].abs().max()) for x in a for k in x.last_grads)
-    return {"images": img, "last_grads": grad, "last_grads_scale": scale}
+    gen = max(float((x.detach() - y.detach()).abs().max()) for x, y in
+              zip(gen_a.parameters(), gen_b.parameters()))
+    return {"images": img, "last_grads": grad, "last_grads_scale": scale, "generator": gen}
 
 
 def run(ctx: Ctx, deps: dict) -> dict:
@@ -82,9 +86,7 @@ def run(ctx: Ctx, deps: dict) -> dict:
         # step 0, from identical states: the comparison (and the warm-up for this T's shapes)
         a = seq_mg.step(teachers, lambda_adv=1.0, student=student())
         b = five_step(bat_mg, teachers, lambda_adv=1.0, student_model=learner)
-        diff = _diff(a, b)
-        diff["generator"] = max(float((x.detach() - y.detach()).abs().max()) for x, y in
-                                zip(seq_mg.generator.parameters(), bat_mg.generator.parameters()))
+        diff = _diff(a, b, seq_mg.generator, bat_mg.generator)
         del a, b
         t_seq, t_bat = [], []
         rss_seq = rss_bat = None
@@ -133,10 +135,7 @@ def _float64_check(p, cfg, device) -> dict:
                              rng=torch.Generator().manual_seed(p.seed + 1), device=device) for _ in range(2)]
         a = mgs[0].step(teachers, lambda_adv=1.0, student=MetaLearner(learner, device=device).student())
         b = five_step(mgs[1], teachers, lambda_adv=1.0, student_model=learner)
-        d = _diff(a, b)
-        d["generator"] = max(float((x.detach() - y.detach()).abs().max()) for x, y in
-                             zip(mgs[0].generator.parameters(), mgs[1].generator.parameters()))
-        return d
+        return _diff(a, b, mgs[0].generator, mgs[1].generator)
     finally:
         torch.set_default_dtype(old)
 

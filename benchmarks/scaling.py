@@ -38,6 +38,7 @@ def child(size: int, root: str, preset: dict, device: str, threads: int) -> dict
     from benchmarks.presets import Preset
     from free_dfml.common.models import build_model
     from free_dfml.common.package import make_package
+    from free_dfml.server.memory_bank import MemoryBank
     from free_dfml.server.trainer import FreeTrainer
     from free_dfml.server.zoo import Zoo
 
@@ -99,8 +100,8 @@ def child(size: int, root: str, preset: dict, device: str, threads: int) -> dict
            "bank_bound_mb": cfg.bank_max_mb, "bank_evicted_keys": trainer.bank.evicted,
            # without the bound: one ring of bank_capacity images per (model, class) key ever seen,
            # i.e. this much once every model of the zoo has been visited
-           "bank_mb_unbounded_all_visited": round(size * 5 * cfg.bank_capacity * c * p.image_size ** 2
-                                                  * (1 if cfg.bank_dtype == "uint8" else 2) / 2 ** 20, 1),
+           "bank_mb_unbounded_all_visited": round(size * 5 * MemoryBank.ring_bytes(
+               cfg.bank_capacity, (c, p.image_size, p.image_size), trainer.bank.dtype) / 2 ** 20, 1),
            "disk_mb": round(sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file()) / 2 ** 20, 2)}
     if device.startswith("cuda"):
         out["gpu_peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)

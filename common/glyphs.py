@@ -132,13 +132,11 @@ def _one_torch_thread() -> Iterator[None]:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """:func:`free_dfml.common.package.atomic_write_bytes`, its failures as a ``GlyphsError``."""
+    from free_dfml.common.package import atomic_write_bytes
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        atomic_write_bytes(path, data)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise GlyphsError(f"cannot write the glyph cache file {path} ({e.strerror or e}); "
                           "point FREE_DFML_CACHE or cache_dir at a writable folder") from None
 

@@ -4,8 +4,9 @@ Every key (``"<model_id>:<class>"``, or ``"label:<name>"`` where clients share c
 owns a ring buffer of at most ``capacity`` images, stored as uint8 (or float16) tensors at the
 meta-learner's size. ``max_bytes`` bounds the whole bank: when a new key would take it past that,
 the key written to longest ago is dropped (its model's classes come back when FIVE next visits
-it), so memory stays flat however many models the zoo holds. Nothing is ever written as an image file: :meth:`MemoryBank.state_dict` gives
-plain tensors plus a JSON-able description, stored inside the trainer's safetensors checkpoint.
+it), so memory stays flat however many models the zoo holds. Nothing is ever written as an image
+file: :meth:`MemoryBank.state_dict` gives plain tensors plus a JSON-able description, stored
+inside the trainer's safetensors checkpoint.
 """
 
 from __future__ import annotations
