@@ -148,6 +148,12 @@ class Server:
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)
 
+    def shutdown(self) -> None:
+        """``free-server stop`` if the supervisor still runs, then SIGKILL anything left."""
+        if self.proc is not None and self.proc.poll() is None:
+            run(BIN / "free-server", "stop", "--state", self.state, timeout=240)
+        self.kill_all()
+
     def kill_all(self) -> None:
         for p in server_pids(self.state):
             try:
@@ -198,9 +204,7 @@ def server(tmp_path_factory):
     srv = Server(d / "state", make_certs(d / "certs"), d / "server.log")
     srv.start()
     yield srv
-    if srv.proc is not None and srv.proc.poll() is None:
-        run(BIN / "free-server", "stop", "--state", srv.state, timeout=240)
-    srv.kill_all()
+    srv.shutdown()
 
 
 @slow
@@ -353,9 +357,7 @@ def test_node_authentication(tmp_path, models):
         assert refused.returncode != 0 and "registered keys" in refused.stderr, refused.stderr
         assert srv.status()["models"]["in_zoo"] == 1
     finally:
-        if srv.proc is not None and srv.proc.poll() is None:
-            run(BIN / "free-server", "stop", "--state", srv.state, timeout=240)
-        srv.kill_all()
+        srv.shutdown()
 
 
 @slow
