@@ -81,6 +81,8 @@ def run(ctx: Ctx, deps: dict) -> dict:
 
     rows = []
     for T in p.batched_T:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()     # the peak below is this T's alone
         teachers = _teachers(T, p.batched_width, cfg, device, p.seed)
         seq_mg, bat_mg = make_mg(), make_mg()
         # step 0, from identical states: the comparison (and the warm-up for this T's shapes)
