@@ -38,7 +38,7 @@ class Preset:
     # fresh generator reaches agreement 1.0 on glyph teachers within ~11 steps; full uses 200
     scratch_steps: int = 25
     oracle_batches: int | None = None  # MAML meta-batches on real data; None: iterations * max_replay_batches
-    batched_inversion: bool = False    # FreeConfig.batched_inversion for every FREE-family method
+    batched_inversion: bool | str = "auto"   # FreeConfig.batched_inversion for every FREE-family method
     track_every: int = 20              # meta-val accuracy for the accuracy-vs-iterations plot (0: off)
     track_episodes: int = 50
     # evaluation (identical for every method) ----------------------------------------------------

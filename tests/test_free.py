@@ -363,3 +363,15 @@ def test_color_augment_changes_colour_only_and_follows_the_rng():
 def test_unknown_replay_augment_is_refused():
     with pytest.raises(ValueError, match="replay_augment"):
         FreeConfig.preset("tiny", replay_augment="blur").validate()
+
+
+def test_batched_inversion_auto_means_cuda_only_and_bad_values_are_refused(tiny_zoo):
+    auto = FreeConfig.preset("tiny")
+    assert auto.batched_inversion == "auto"
+    assert auto.uses_batched_inversion("cuda") and not auto.uses_batched_inversion("cpu")
+    assert FreeConfig.preset("tiny", batched_inversion=True).uses_batched_inversion("cpu")
+    assert not FreeConfig.preset("tiny", batched_inversion=False).uses_batched_inversion("cuda")
+    assert "step" not in FreeTrainer(tiny_zoo, auto, device="cpu").metagen.__dict__   # the loop on CPU
+    for bad in ("yes", 1.5, None):
+        with pytest.raises(ValueError, match="batched_inversion"):
+            FreeConfig.preset("tiny", batched_inversion=bad)
