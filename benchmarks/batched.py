@@ -58,10 +58,19 @@ def _diff(a, b, gen_a, gen_b) -> dict:
     return {"images": img, "last_grads": grad, "last_grads_scale": scale, "generator": gen}
 
 
+def metagenerator(cfg, seed: int, device):
+    """A meta-generator as ``cfg`` (a FreeConfig) sets it up, its random numbers seeded with ``seed``."""
+    from free_dfml.server.meta_generator import MetaGenerator
+    return MetaGenerator(nz=cfg.nz, ngf=cfg.ngf, image_size=cfg.image_size, channels=cfg.channels,
+                         inner_steps=cfg.inner_steps, inner_lr=cfg.gen_lr, z_lr=cfg.z_lr,
+                         meta_lr=cfg.gen_meta_lr, betas=tuple(cfg.gen_betas),
+                         samples_per_class=cfg.samples_per_class, lambda_bn=cfg.lambda_bn,
+                         rng=torch.Generator().manual_seed(seed), device=device)
+
+
 def run(ctx: Ctx, deps: dict) -> dict:
     from benchmarks.accuracy import free_config
     from free_dfml.server.batched_inversion import five_step
-    from free_dfml.server.meta_generator import MetaGenerator
     from free_dfml.server.meta_learner import MetaLearner, build_learner
 
     p = ctx.preset
@@ -73,11 +82,7 @@ def run(ctx: Ctx, deps: dict) -> dict:
     student = MetaLearner(learner, device=device).student
 
     def make_mg():
-        return MetaGenerator(nz=cfg.nz, ngf=cfg.ngf, image_size=cfg.image_size, channels=cfg.channels,
-                             inner_steps=cfg.inner_steps, inner_lr=cfg.gen_lr, z_lr=cfg.z_lr,
-                             meta_lr=cfg.gen_meta_lr, betas=tuple(cfg.gen_betas),
-                             samples_per_class=cfg.samples_per_class, lambda_bn=cfg.lambda_bn,
-                             rng=torch.Generator().manual_seed(p.seed + 1), device=device)
+        return metagenerator(cfg, p.seed + 1, device)
 
     rows = []
     for T in p.batched_T:

@@ -8,9 +8,8 @@ import sys, time, torch
 from torch.profiler import profile, ProfilerActivity
 from benchmarks.presets import get_preset
 from benchmarks.accuracy import free_config
-from benchmarks.batched import _teachers
+from benchmarks.batched import _teachers, metagenerator
 from free_dfml.server.batched_inversion import five_step
-from free_dfml.server.meta_generator import MetaGenerator
 from free_dfml.server.meta_learner import MetaLearner, build_learner
 
 dev = torch.device(sys.argv[1] if len(sys.argv) > 1 else "cuda")
@@ -21,13 +20,8 @@ cfg = free_config(p) if not p.batched_samples_per_class else free_config(p, samp
 learner = build_learner(cfg.way, width=cfg.learner_width, image_size=cfg.image_size, channels=cfg.channels,
                         rng=torch.Generator().manual_seed(0)).to(dev)
 student = MetaLearner(learner, device=dev).student
-def mg():
-    return MetaGenerator(nz=cfg.nz, ngf=cfg.ngf, image_size=cfg.image_size, channels=cfg.channels,
-                         inner_steps=cfg.inner_steps, inner_lr=cfg.gen_lr, z_lr=cfg.z_lr, meta_lr=cfg.gen_meta_lr,
-                         betas=tuple(cfg.gen_betas), samples_per_class=cfg.samples_per_class, lambda_bn=cfg.lambda_bn,
-                         rng=torch.Generator().manual_seed(1), device=dev)
 teachers = _teachers(T, p.batched_width, cfg, dev, 0)
-a, b = mg(), mg()
+a, b = metagenerator(cfg, 1, dev), metagenerator(cfg, 1, dev)
 seq = lambda: a.step(teachers, lambda_adv=1.0, student=student())
 bat = lambda: five_step(b, teachers, lambda_adv=1.0, student_model=learner)
 def sync():
