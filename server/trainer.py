@@ -59,7 +59,7 @@ class FreeConfig:
     # vmap same-architecture teachers through one FIVE step (server/batched_inversion.py): the same
     # results to float rounding. "auto": on for CUDA, off for CPU. Measured on an H200, one FIVE
     # step against the loop: 1.4-1.7x at T = 4 (the default teachers_per_iter), 2.6-3.2x at T = 16
-    # with paper sizes, 6.5-7.1x with the quick sizes. On CPU it runs at 0.4-0.55x the loop's speed
+    # with paper sizes, 6.5-7.1x with the quick sizes. On CPU it ran at 0.55x (T = 4) to 0.23x (T = 64)
     batched_inversion: bool | str = "auto"      # True | False | "auto"
     # BELL
     align: bool = True
