@@ -68,15 +68,21 @@ def metagenerator(cfg, seed: int, device):
                          rng=torch.Generator().manual_seed(seed), device=device)
 
 
-def run(ctx: Ctx, deps: dict) -> dict:
+def batched_config(p):
+    """The FreeConfig this section times: the preset's, with ``batched_samples_per_class`` images a
+    class when the preset sets it."""
     from benchmarks.accuracy import free_config
+    return free_config(p, samples_per_class=p.batched_samples_per_class) \
+        if p.batched_samples_per_class else free_config(p)
+
+
+def run(ctx: Ctx, deps: dict) -> dict:
     from free_dfml.server.batched_inversion import five_step
     from free_dfml.server.meta_learner import MetaLearner, build_learner
 
     p = ctx.preset
     device = torch.device(ctx.device)
-    cfg = free_config(p, samples_per_class=p.batched_samples_per_class) \
-        if p.batched_samples_per_class else free_config(p)
+    cfg = batched_config(p)
     learner = build_learner(cfg.way, width=cfg.learner_width, image_size=cfg.image_size,
                             channels=cfg.channels, rng=torch.Generator().manual_seed(p.seed)).to(device)
     student = MetaLearner(learner, device=device).student

@@ -38,4 +38,8 @@ def main(out: str, device: str = "cuda", presets: tuple[str, ...] = ("full", "qu
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], *(sys.argv[2:3] or ["cuda"]), *([tuple(sys.argv[3].split(","))] if len(sys.argv) > 3 else []))
+    args = sys.argv[1:]
+    if not 1 <= len(args) <= 3:
+        sys.exit(__doc__)
+    main(args[0], args[1] if len(args) > 1 else "cuda",
+         tuple(args[2].split(",")) if len(args) > 2 else ("full", "quick"))
