@@ -45,7 +45,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from free_dfml.server.generator import Generator, to_teacher_input
 from free_dfml.server.meta_generator import (BNStatLoss, InversionResult, MetaGenerator, Params,
                                              Teacher, class_targets, invert, new_generator,
-                                             sample_latents)
+                                             roll_images, sample_latents, sample_shifts)
 
 Student = Callable[[torch.Tensor], torch.Tensor]
 
@@ -171,12 +171,13 @@ def invert_stacked(teachers: Sequence[Teacher], generator: Generator, generator_
                    lambda_adv: float = 0.0, student: Student | None = None,
                    student_model: nn.Module | None = None,
                    subsets: Sequence[Sequence[int] | None] | None = None,
-                   lambda_bn: float = 0.0) -> list[InversionResult]:
+                   lambda_bn: float = 0.0,
+                   shifts: Sequence[torch.Tensor] | None = None) -> list[InversionResult]:
     """:func:`~free_dfml.server.meta_generator.invert` for T same-structure teachers at once.
 
-    ``generator_params[t]`` / ``z[t]`` are teacher t's starting parameters and latents (shared
-    targets ``y``). The adversarial term uses ``student_model`` (vmapped) when given, else the
-    ``student`` callable per teacher. Returns one result per teacher, in order."""
+    ``generator_params[t]`` / ``z[t]`` / ``shifts[t]`` are teacher t's starting parameters, latents
+    and jitter shifts (shared targets ``y``). The adversarial term uses ``student_model`` (vmapped)
+    when given, else the ``student`` callable per teacher. Returns one result per teacher, in order."""
     if steps < 1:
         raise ValueError("inversion needs at least one step")
     T = len(teachers)
@@ -186,6 +187,11 @@ def invert_stacked(teachers: Sequence[Teacher], generator: Generator, generator_
         raise ValueError("invert_stacked needs teachers of one structure (see group_teachers)")
     subsets = [None] * T if subsets is None else list(subsets)
     use_bn = lambda_bn > 0 and teachers[0].bn_capable
+    shift_t = None
+    if shifts is not None:
+        if len(shifts) != T or any(tuple(s.shape) != (steps, 2) for s in shifts):
+            raise ValueError(f"shifts must be one [{steps}, 2] tensor per teacher")
+        shift_t = torch.stack(list(shifts))
     stack = StackedTeachers(teachers, bn_hooks=use_bn)
     names = list(generator_params[0])
     params = {k: torch.stack([p[k].detach() for p in generator_params]).clone().requires_grad_(True)
@@ -206,6 +212,8 @@ def invert_stacked(teachers: Sequence[Teacher], generator: Generator, generator_
         with torch.enable_grad():
             for step in range(1, steps + 1):
                 x = gen_fn(params, zs)
+                if shift_t is not None:
+                    x = vmap(roll_images)(x, shift_t[:, step - 1])
                 t_logits, bn = stack(x)
                 ce = F.cross_entropy(t_logits.flatten(0, 1), y.repeat(T), reduction="none").view(T, -1).mean(1)
                 loss = ce
@@ -244,10 +252,13 @@ def invert_stacked(teachers: Sequence[Teacher], generator: Generator, generator_
 def invert_grouped(teachers: Sequence[Teacher], generator: Generator, generator_params: Sequence[Params],
                    z: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], *, max_batch: int | None = None,
                    subsets: Sequence[Sequence[int] | None] | None = None, lambda_bn: float = 0.0,
-                   **kw) -> list[InversionResult]:
+                   shifts: Sequence[torch.Tensor | None] | None = None, **kw) -> list[InversionResult]:
     """Any mix of teachers: stacked per structure group (chunks of ``max_batch``), a lone teacher via
     the plain :func:`invert`. Results in the teachers' order."""
     subsets = [None] * len(teachers) if subsets is None else list(subsets)
+    shifts = [None] * len(teachers) if shifts is None else list(shifts)
+    if any(s is None for s in shifts) and any(s is not None for s in shifts):
+        raise ValueError("jitter shifts for some teachers but not for others")
     student = kw.pop("student", None)
     student_model = kw.pop("student_model", None)
     out: list[InversionResult | None] = [None] * len(teachers)
@@ -261,11 +272,12 @@ def invert_grouped(teachers: Sequence[Teacher], generator: Generator, generator_
                 if s is None and student_model is not None:
                     s = _single_student(student_model)
                 out[i] = invert(teachers[i], generator, generator_params[i], z[i], ys[i],
-                                subset=subsets[i], lambda_bn=lambda_bn, student=s, **kw)
+                                subset=subsets[i], lambda_bn=lambda_bn, student=s, shifts=shifts[i], **kw)
                 continue
             res = invert_stacked([teachers[i] for i in chunk], generator,
                                  [generator_params[i] for i in chunk], [z[i] for i in chunk], ys[chunk[0]],
                                  subsets=[subsets[i] for i in chunk], lambda_bn=lambda_bn,
+                                 shifts=None if shifts[0] is None else [shifts[i] for i in chunk],
                                  student=student, student_model=student_model, **kw)
             for i, r in zip(chunk, res):
                 out[i] = r
@@ -290,13 +302,16 @@ def five_step(metagen: MetaGenerator, teachers: Sequence[Teacher], *, lambda_adv
     if not teachers:
         raise ValueError("a FIVE step needs at least one teacher")
     ys = [class_targets(t.num_classes, metagen.samples_per_class, metagen.device) for t in teachers]
-    zs = [sample_latents(len(y), metagen.nz, metagen.rng, metagen.device) for y in ys]
+    zs, shifts = [], []
+    for y in ys:           # same draws, same order as MetaGenerator.adapt in a loop
+        zs.append(sample_latents(len(y), metagen.nz, metagen.rng, metagen.device))
+        shifts.append(sample_shifts(metagen.inner_steps, metagen.jitter, metagen.rng, metagen.device))
     phi = metagen.params()
     results = invert_grouped(teachers, metagen.generator, [phi] * len(teachers), zs, ys,
                              steps=metagen.inner_steps, lr=metagen.inner_lr, z_lr=metagen.z_lr,
                              betas=metagen.betas, lambda_adv=lambda_adv, student=student,
                              student_model=student_model, subsets=subsets,
-                             lambda_bn=metagen.lambda_bn, max_batch=max_batch)
+                             lambda_bn=metagen.lambda_bn, shifts=shifts, max_batch=max_batch)
     metagen.optimizer.zero_grad(set_to_none=True)
     for name, p in metagen.generator.named_parameters():
         p.grad = torch.stack([r.last_grads[name] for r in results]).sum(0)
@@ -310,20 +325,21 @@ def scratch_inversions(teachers: Sequence[Teacher], *, nz: int, ngf: int, image_
                        lambda_adv: float = 0.0, student: Student | None = None,
                        student_model: nn.Module | None = None,
                        subsets: Sequence[Sequence[int] | None] | None = None, lambda_bn: float = 0.0,
-                       max_batch: int | None = None) -> list[InversionResult]:
+                       jitter: int = 0, max_batch: int | None = None) -> list[InversionResult]:
     """``[invert_from_scratch(t, ...) for t in teachers]`` (the trainer's scratch branch), batched:
     fresh generators and latents drawn from ``rng`` in the same order, inner loops stacked."""
-    gens, zs, ys = [], [], []
+    gens, zs, ys, shifts = [], [], [], []
     for t in teachers:     # same draws, same order as invert_from_scratch in a loop
         gen = new_generator(nz, ngf, image_size, channels, rng, device)
         y = class_targets(t.num_classes, per_class, device)
         zs.append(sample_latents(len(y), nz, rng, device))
+        shifts.append(sample_shifts(steps, jitter, rng, device))
         ys.append(y)
         gens.append({k: v.detach() for k, v in gen.named_parameters()})
     skeleton = Generator(nz=nz, ngf=ngf, image_size=image_size, channels=channels).to(device)
     return invert_grouped(teachers, skeleton, gens, zs, ys, steps=steps, lr=lr, z_lr=z_lr, betas=betas,
                           lambda_adv=lambda_adv, student=student, student_model=student_model,
-                          subsets=subsets, lambda_bn=lambda_bn, max_batch=max_batch)
+                          subsets=subsets, lambda_bn=lambda_bn, shifts=shifts, max_batch=max_batch)
 
 
 # ------------------------------------------------------------------------------ trainer hook

@@ -7,7 +7,8 @@ specialise it to any one model. Per FIVE step, for each of the ``T`` sampled tea
    ``phi_t`` <- copy of ``phi``;
 2. ``k`` inner Adam steps (lr 1e-3, betas (0.5, 0.999)) on ``phi_t`` and ``z`` minimising
    ``CE(f_t(x), y) + lambda_adv * L_adv + lambda_bn * L_bn`` with ``x = G_phi_t(z)``
-   (:func:`inversion_loss`);
+   (:func:`inversion_loss`); with ``jitter`` > 0 the teacher and the meta-learner see ``x``
+   circularly shifted by a random offset drawn per inner step (:func:`roll_images`, DeepInversion);
 3. first-order meta-gradient: ``phi.grad += grad of phi_t at its last inner step`` (FOMAML),
    summed over the T teachers, then one Adam step on ``phi``;
 4. the adapted generator's images and labels are returned for EVERY teacher (all go to the bank).
@@ -201,17 +202,40 @@ def class_targets(num_classes: int, per_class: int, device: torch.device | str =
     return torch.arange(num_classes, device=device).repeat_interleave(per_class)
 
 
+def sample_shifts(steps: int, jitter: int, rng: torch.Generator,
+                  device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """Per inner step, a random (rows, columns) shift in ``[-jitter, jitter]`` (int64 ``[steps, 2]``);
+    ``None`` without jitter (then nothing is drawn from ``rng``)."""
+    if jitter <= 0:
+        return None
+    return torch.randint(-jitter, jitter + 1, (steps, 2), generator=rng).to(device)
+
+
+def roll_images(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``torch.roll(x, shift, dims=(-2, -1))`` written as index gathers, so that ``shift`` may be a
+    tensor that differs per vmapped teacher (DeepInversion's jitter: the teacher sees the images
+    circularly shifted by a random offset at every inner step)."""
+    h, w = x.shape[-2:]
+    rows = (torch.arange(h, device=x.device) - shift[0]) % h
+    cols = (torch.arange(w, device=x.device) - shift[1]) % w
+    return x.index_select(-2, rows).index_select(-1, cols)
+
+
 def invert(teacher: Teacher, generator: Generator, generator_params: Params, z: torch.Tensor,
            y: torch.Tensor, *, steps: int, lr: float = 1e-3, z_lr: float = 1e-3,
            betas: tuple[float, float] = (0.5, 0.999), lambda_adv: float = 0.0,
            student: Student | None = None, subset: Sequence[int] | None = None,
-           lambda_bn: float = 0.0) -> InversionResult:
+           lambda_bn: float = 0.0, shifts: torch.Tensor | None = None) -> InversionResult:
     """``steps`` Adam steps on (generator parameters, z) minimising :func:`inversion_loss` for one teacher.
 
+    With ``shifts`` (``[steps, 2]``, :func:`sample_shifts`) the teacher and the student see the
+    generated images rolled by ``shifts[i]`` at inner step ``i``; the returned images are not rolled.
     ``generator`` only supplies the architecture (``functional_call``); its own parameters are
     neither read nor changed. The inputs are not modified."""
     if steps < 1:
         raise ValueError("inversion needs at least one step")
+    if shifts is not None and tuple(shifts.shape) != (steps, 2):
+        raise ValueError(f"shifts must be [{steps}, 2], got {list(shifts.shape)}")
     params = {k: v.detach().clone().requires_grad_(True) for k, v in generator_params.items()}
     z = z.detach().clone().requires_grad_(True)
     state = AdamState()
@@ -219,8 +243,10 @@ def invert(teacher: Teacher, generator: Generator, generator_params: Params, z: 
     last: Params = {}
     history: list[dict[str, float]] = []
     with torch.enable_grad(), bn_loss_hooks(teacher, lambda_bn) as hook:
-        for _ in range(steps):
+        for i in range(steps):
             x = functional_call(generator, params, (z,))
+            if shifts is not None:
+                x = roll_images(x, shifts[i])
             loss, parts = inversion_loss(teacher, x, y, lambda_adv=lambda_adv, student=student,
                                          subset=subset, lambda_bn=lambda_bn, bn_hook=hook)
             grads = torch.autograd.grad(loss, [*params.values(), z])
@@ -256,14 +282,15 @@ def invert_from_scratch(teacher: Teacher, *, nz: int, ngf: int, image_size: int,
                         device: torch.device | str = "cpu", lr: float = 1e-3, z_lr: float = 1e-3,
                         betas: tuple[float, float] = (0.5, 0.999), lambda_adv: float = 0.0,
                         student: Student | None = None, subset: Sequence[int] | None = None,
-                        lambda_bn: float = 0.0) -> InversionResult:
+                        lambda_bn: float = 0.0, jitter: int = 0) -> InversionResult:
     """The ``scratch`` baseline: a fresh generator for this model, ``steps`` inversion steps."""
     gen = new_generator(nz, ngf, image_size, channels, rng, device)
     y = class_targets(teacher.num_classes, per_class, device)
     z = sample_latents(len(y), nz, rng, device)
+    shifts = sample_shifts(steps, jitter, rng, device)
     return invert(teacher, gen, dict(gen.named_parameters()), z, y, steps=steps, lr=lr, z_lr=z_lr,
                   betas=betas, lambda_adv=lambda_adv, student=student, subset=subset,
-                  lambda_bn=lambda_bn)
+                  lambda_bn=lambda_bn, shifts=shifts)
 
 
 class MetaGenerator:
@@ -272,13 +299,14 @@ class MetaGenerator:
     def __init__(self, *, nz: int = 256, ngf: int = 64, image_size: int = 32, channels: int = 3,
                  inner_steps: int = 5, inner_lr: float = 1e-3, z_lr: float = 1e-3,
                  meta_lr: float = 1e-3, betas: tuple[float, float] = (0.5, 0.999),
-                 samples_per_class: int = 20, lambda_bn: float = 0.0,
+                 samples_per_class: int = 20, lambda_bn: float = 0.0, jitter: int = 0,
                  rng: torch.Generator | None = None, device: torch.device | str = "cpu"):
         self.rng = rng if rng is not None else torch.Generator().manual_seed(0)
         self.device = torch.device(device)
         self.generator = new_generator(nz, ngf, image_size, channels, self.rng, self.device)
         self.nz, self.inner_steps, self.inner_lr, self.z_lr = nz, inner_steps, inner_lr, z_lr
         self.betas, self.samples_per_class, self.lambda_bn = betas, samples_per_class, lambda_bn
+        self.jitter = jitter
         self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=meta_lr, betas=betas)
 
     def params(self) -> Params:
@@ -289,10 +317,11 @@ class MetaGenerator:
         """Specialise the current meta-generator to one teacher (no meta-update)."""
         y = class_targets(teacher.num_classes, self.samples_per_class, self.device)
         z = sample_latents(len(y), self.nz, self.rng, self.device)
-        return invert(teacher, self.generator, self.params(), z, y,
-                      steps=self.inner_steps if steps is None else steps, lr=self.inner_lr,
+        steps = self.inner_steps if steps is None else steps
+        shifts = sample_shifts(steps, self.jitter, self.rng, self.device)
+        return invert(teacher, self.generator, self.params(), z, y, steps=steps, lr=self.inner_lr,
                       z_lr=self.z_lr, betas=self.betas, lambda_adv=lambda_adv, student=student,
-                      subset=subset, lambda_bn=self.lambda_bn)
+                      subset=subset, lambda_bn=self.lambda_bn, shifts=shifts)
 
     def step(self, teachers: Sequence[Teacher], *, lambda_adv: float = 0.0,
              student: Student | None = None,

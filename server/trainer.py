@@ -53,6 +53,9 @@ class FreeConfig:
     gen_betas: tuple[float, float] = (0.5, 0.999)
     lambda_adv: float = 1.0
     lambda_bn: float = 0.0
+    # DeepInversion jitter: the teacher sees the generated images circularly shifted by a random
+    # offset of up to this many pixels (rows and columns) at every inner step; 0: off (the paper)
+    inversion_jitter: int = 0
     warmup: int = 20
     inversion: str = "five"             # "five" | "scratch"
     scratch_steps: int = 200
@@ -128,6 +131,9 @@ class FreeConfig:
             raise ValueError(f"replay_augment must be 'none' or 'color', got {self.replay_augment!r}")
         if self.batched_inversion not in (True, False, "auto"):
             raise ValueError(f"batched_inversion must be true, false or 'auto', got {self.batched_inversion!r}")
+        if (isinstance(self.inversion_jitter, bool) or not isinstance(self.inversion_jitter, int)
+                or not 0 <= self.inversion_jitter < self.image_size):
+            raise ValueError(f"inversion_jitter must be between 0 and image_size - 1, got {self.inversion_jitter}")
         if self.bank_dtype not in ("uint8", "float16"):
             raise ValueError("bank_dtype must be 'uint8' or 'float16'")
         if self.bank_max_mb < 0:
@@ -210,7 +216,7 @@ class FreeTrainer:
             nz=cfg.nz, ngf=cfg.ngf, image_size=cfg.image_size, channels=cfg.channels,
             inner_steps=cfg.inner_steps, inner_lr=cfg.gen_lr, z_lr=cfg.z_lr, meta_lr=cfg.gen_meta_lr,
             betas=tuple(cfg.gen_betas), samples_per_class=cfg.samples_per_class,
-            lambda_bn=cfg.lambda_bn, rng=self.gen_rng, device=self.device)
+            lambda_bn=cfg.lambda_bn, jitter=cfg.inversion_jitter, rng=self.gen_rng, device=self.device)
         if cfg.uses_batched_inversion(self.device) and cfg.inversion == "five":
             from free_dfml.server.batched_inversion import install
             install(self)
@@ -264,7 +270,8 @@ class FreeTrainer:
                 t, nz=cfg.nz, ngf=cfg.ngf, image_size=cfg.image_size, channels=cfg.channels,
                 steps=cfg.scratch_steps, per_class=cfg.samples_per_class, rng=self.gen_rng,
                 device=self.device, lr=cfg.gen_lr, z_lr=cfg.z_lr, betas=tuple(cfg.gen_betas),
-                lambda_adv=lam_adv, student=student, subset=s, lambda_bn=cfg.lambda_bn)
+                lambda_adv=lam_adv, student=student, subset=s, lambda_bn=cfg.lambda_bn,
+                jitter=cfg.inversion_jitter)
                 for t, s in zip(teachers, subsets)]
         for t, r in zip(teachers, results):     # EVERY teacher's images go to the bank
             self.bank.add(t.model_id, r.images, r.labels, self._class_keys(t.model_id))

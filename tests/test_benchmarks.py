@@ -68,15 +68,15 @@ def _close(a, b, tol):
                 assert abs(p[k] - q[k]) < tol
 
 
-@pytest.mark.parametrize("lambda_bn", [0.0, 0.1])
-def test_batched_five_step_equals_sequential(float64, lambda_bn):
+@pytest.mark.parametrize("lambda_bn,jitter", [(0.0, 0), (0.1, 0), (0.1, 3)])
+def test_batched_five_step_equals_sequential(float64, lambda_bn, jitter):
     teachers = _zoo()
     learner = build_learner(5, width=8, rng=torch.Generator().manual_seed(3))
     meta = MetaLearner(learner)
     subsets = [None, None, None, None, [0, 2, 3, 5, 6], None, None]
     assert sorted(map(len, bi.group_teachers(teachers))) == [1, 1, 1, 4]
     seq, bat = (MetaGenerator(nz=16, ngf=8, samples_per_class=3, inner_steps=3, lambda_bn=lambda_bn,
-                              rng=torch.Generator().manual_seed(1)) for _ in range(2))
+                              jitter=jitter, rng=torch.Generator().manual_seed(1)) for _ in range(2))
     for it in range(2):   # two FIVE steps: the meta-update and the RNG streams stay in lockstep
         adv = 0.0 if it == 0 else 1.0
         a = seq.step(teachers, lambda_adv=adv, student=meta.student(), subsets=subsets)
@@ -90,9 +90,10 @@ def test_batched_five_step_equals_sequential(float64, lambda_bn):
     _close(d, c, 1e-9)
 
 
-def test_batched_scratch_equals_sequential(float64):
+@pytest.mark.parametrize("jitter", [0, 2])
+def test_batched_scratch_equals_sequential(float64, jitter):
     teachers = _zoo()[:4]
-    kw = dict(nz=16, ngf=8, image_size=32, channels=3, steps=4, per_class=2)
+    kw = dict(nz=16, ngf=8, image_size=32, channels=3, steps=4, per_class=2, jitter=jitter)
     g = torch.Generator().manual_seed(5)
     a = [invert_from_scratch(t, rng=g, **kw) for t in teachers]
     b = bi.scratch_inversions(teachers, rng=torch.Generator().manual_seed(5), **kw)

@@ -14,7 +14,8 @@ from free_dfml.common.models import Normalized, build_model
 from free_dfml.server.generator import Generator, to_teacher_input
 from free_dfml.server.memory_bank import MemoryBank
 from free_dfml.server.meta_generator import (MetaGenerator, Teacher, bn_loss_hooks, class_targets,
-                                             inversion_loss, invert, kl_per_sample, restrict)
+                                             inversion_loss, invert, kl_per_sample, restrict,
+                                             roll_images, sample_latents, sample_shifts)
 from free_dfml.server.meta_learner import MetaLearner, build_learner
 from free_dfml.server.trainer import FreeConfig, FreeTrainer
 
@@ -81,6 +82,39 @@ def test_five_step_returns_every_teacher_and_updates_phi(tiny_packages):
     assert [r.labels.tolist() for r in res] == [class_targets(4, 3).tolist()] * 3
     assert all(r.images.shape == (12, 3, 32, 32) for r in res)
     assert any(not torch.equal(before[k], v) for k, v in mg.params().items())
+
+
+def test_jitter_rolls_what_the_teacher_sees_not_what_is_stored():
+    x = torch.rand(2, 3, 6, 5)
+    assert torch.equal(roll_images(x, torch.tensor([2, -1])), torch.roll(x, (2, -1), (-2, -1)))
+    torch.manual_seed(0)
+    net = build_model("conv4", num_classes=3, width=8)
+    seen = []
+    net.register_forward_pre_hook(lambda _m, inp: seen.append(inp[0].detach().clone()))
+    teacher = Teacher(net.eval(), (3, 32, 32), 3)          # no normalisation: sees the images as given
+    gen = Generator(nz=8, ngf=4, image_size=32)
+    params, y, z = dict(gen.named_parameters()), class_targets(3, 2), torch.randn(6, 8)
+    shifts = torch.tensor([[3, -2], [0, 1]])
+    res = invert(teacher, gen, params, z, y, steps=2, shifts=shifts)
+    with torch.no_grad():
+        first = gen(z)                                      # step 0 runs the initial parameters
+    assert torch.allclose(seen[0], torch.roll(first, (3, -2), (2, 3)))
+    assert torch.allclose(seen[-1], res.images)             # the final CE: unrolled, as stored
+    # zero shifts are exactly the plain loop; shifts of the wrong shape are refused
+    plain = invert(teacher, gen, params, z, y, steps=2)
+    zero = invert(teacher, gen, params, z, y, steps=2, shifts=torch.zeros(2, 2, dtype=torch.long))
+    assert torch.equal(plain.images, zero.images)
+    with pytest.raises(ValueError, match="shifts must be"):
+        invert(teacher, gen, params, z, y, steps=3, shifts=shifts)
+    # jitter 0 draws nothing, so the RNG stream (and resumed checkpoints) are those of old runs
+    a, b = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    mg = MetaGenerator(nz=8, ngf=4, samples_per_class=2, inner_steps=2, rng=a)
+    torch.randint(0, 2 ** 62, (1,), generator=b)            # new_generator's one draw...
+    mg.adapt(teacher)
+    sample_latents(6, 8, b, "cpu")                          # ...and adapt's latents: nothing else
+    assert torch.equal(a.get_state(), b.get_state())
+    assert sample_shifts(5, 0, a) is None
+    assert sample_shifts(500, 2, a).abs().max() == 2
 
 
 def test_adversarial_term_only_counts_agreeing_samples():
@@ -375,3 +409,10 @@ def test_batched_inversion_auto_means_cuda_only_and_bad_values_are_refused(tiny_
     for bad in ("yes", 1.5, None):
         with pytest.raises(ValueError, match="batched_inversion"):
             FreeConfig.preset("tiny", batched_inversion=bad)
+
+
+def test_inversion_jitter_must_be_a_pixel_count_below_the_image_size():
+    assert FreeConfig.preset("tiny", inversion_jitter=2).inversion_jitter == 2
+    for bad in (-1, 32, 1.5, True):
+        with pytest.raises(ValueError, match="inversion_jitter"):
+            FreeConfig.preset("tiny", inversion_jitter=bad)
