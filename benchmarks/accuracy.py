@@ -184,7 +184,7 @@ def jobs(p) -> list[Job]:
     weights = {"scratch": 50.0, "free": 10.0, "free-noalign": 9.0, "oracle": 4.0, "random": 2.0,
                "average": 2.0}
     out = main_zoo_jobs(p)
-    for m in METHODS:
+    for m in p.methods:
         out.append(Job(f"acc:{m}", "benchmarks.accuracy:run_method",
                        {"method": m, "save_generator": m == "free"}, deps=("zoo:main",),
                        weight=weights[m]))

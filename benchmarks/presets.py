@@ -34,6 +34,7 @@ class Preset:
     free_preset: str = "quick"         # FreeConfig.preset name, then the overrides below
     free: dict[str, Any] = field(default_factory=dict)
     iterations: int = 80
+    methods: tuple[str, ...] = ("random", "average", "scratch", "free-noalign", "free", "oracle")  # accuracy section
     # steps of a fresh generator per model (scratch baseline). 25 on CPU: in the recovery probe a
     # fresh generator reaches agreement 1.0 on glyph teachers within ~11 steps; full uses 200
     scratch_steps: int = 25
@@ -114,8 +115,35 @@ PRESETS: dict[str, dict[str, Any]] = {
 def get_preset(name: str, **overrides: Any) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
-    known = {f.name for f in fields(Preset)}
-    bad = sorted(set(overrides) - known)
+    known = {f.name: f for f in fields(Preset)}
+    bad = sorted(set(overrides) - set(known))
     if bad:
         raise ValueError(f"unknown preset field(s): {', '.join(bad)}")
-    return replace(Preset(name=name, **PRESETS[name]), **overrides)
+    base = Preset(name=name, **PRESETS[name])
+    for k, v in overrides.items():
+        default = getattr(base, k)
+        if isinstance(default, tuple) and isinstance(v, list):      # JSON lists for tuple fields
+            v = overrides[k] = tuple(v)
+        typed = "|" not in str(known[k].type) and default is not None
+        if typed and not (isinstance(v, type(default)) or (isinstance(default, float) and isinstance(v, int))):
+            raise ValueError(f"preset field {k} must be {type(default).__name__}, got {v!r}")
+    p = replace(base, **overrides)
+    from benchmarks.accuracy import METHODS
+    unknown = sorted(set(p.methods) - set(METHODS))
+    if unknown or not p.methods:
+        raise ValueError(f"methods must be a non-empty subset of {', '.join(METHODS)}, got {list(p.methods)}")
+    from free_dfml.server.trainer import FreeConfig
+    FreeConfig.preset(p.free_preset, **p.free_overrides())     # a bad `free` key or value: refused now
+    return p
+
+
+def parse_setting(text: str) -> tuple[str, Any]:
+    """``FIELD=VALUE`` (``--set``): VALUE as JSON when it parses (numbers, lists, objects), else a string."""
+    import json
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--set takes FIELD=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value

@@ -2,6 +2,11 @@
 
     python -m benchmarks.run --preset tiny|quick|full [--device auto|cpu|cuda]
                              [--out benchmarks/results/NAME] [--only accuracy,recovery,batched,hetero,scaling]
+                             [--set FIELD=VALUE ...]
+
+``--set`` overrides a field of the preset (``benchmarks/presets.py``; VALUE is JSON when it parses),
+e.g. ``--set iterations=1000 --set 'methods=["random","free","oracle"]' --set
+'free={"inversion_jitter": 2}'`` (``free`` holds FreeConfig overrides for every FREE-family method).
 
 Sections (one module each): ``accuracy`` (every method, 5-way 1/5-shot, 600 meta-test episodes),
 ``recovery`` (FIVE vs scratch inversion speed), ``batched`` (vmapped multi-teacher inversion vs the
@@ -36,6 +41,18 @@ def _jobs_for(sections, p):
     return jobs
 
 
+def check_sections(only: list[str] | None, p) -> list[str]:
+    """The sections to run (all by default); a ValueError for a request that cannot run."""
+    sections = list(only) if only else list(SECTIONS)
+    bad = [s for s in sections if s not in SECTIONS]
+    if bad:
+        raise ValueError(f"unknown section(s) {bad} (known: {', '.join(SECTIONS)})")
+    if "recovery" in sections and "free" not in p.methods:
+        raise ValueError("the recovery section probes the generator that the accuracy section's "
+                         "'free' method trains: keep 'free' in methods or leave recovery out")
+    return sections
+
+
 def run(preset: str = "quick", *, out: str | Path | None = None, device: str = "auto",
         only: list[str] | None = None, workers: int | None = None, keep_work: bool = False,
         log: Callable[[str], None] = print, command: str | None = None, **overrides: Any) -> dict:
@@ -46,13 +63,10 @@ def run(preset: str = "quick", *, out: str | Path | None = None, device: str = "
     from benchmarks.report import markdown, plots, targets
     from free_dfml.server.device import resolve_device
 
-    sections = list(only) if only else list(SECTIONS)
-    bad = [s for s in sections if s not in SECTIONS]
-    if bad:
-        raise ValueError(f"unknown section(s) {bad} (known: {', '.join(SECTIONS)})")
     if workers is not None:
         overrides["workers"] = workers
     p = get_preset(preset, **overrides)
+    sections = check_sections(only, p)
     dev = resolve_device(device)
     out = Path(out or f"benchmarks/results/{preset}")
     out.mkdir(parents=True, exist_ok=True)
@@ -135,13 +149,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dataset", default=None, help="data set spec (default glyphs; 'synthetic' for tests)")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--keep-work", action="store_true", help="keep the zoos and states under OUT/work")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a preset field (benchmarks/presets.py), VALUE as JSON if it parses; repeatable")
     a = ap.parse_args(argv)
+    from benchmarks.presets import get_preset, parse_setting
     over: dict[str, Any] = {}
     if a.dataset:
         over["dataset"] = a.dataset
     if a.seed is not None:
         over["seed"] = a.seed
     only = [s.strip() for s in a.only.split(",") if s.strip()] if a.only else None
+    try:                                            # refuse bad fields / values before any work
+        over.update(parse_setting(s) for s in a.set)
+        check_sections(only, get_preset(a.preset, **dict(over)))
+    except ValueError as e:
+        ap.error(str(e))
     cmd = "python -m benchmarks.run " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     doc = run(a.preset, out=a.out, device=a.device, only=only, workers=a.workers, keep_work=a.keep_work,
               command=cmd, **over)

@@ -196,3 +196,21 @@ def test_trainer_with_batched_inversion_matches_plain_trainer(float64, tmp_path,
             assert torch.allclose(p, q, atol=1e-8, rtol=0), k
     assert [h["inversion_ce"] for h in plain.history] == pytest.approx(
         [h["inversion_ce"] for h in batched.history], abs=1e-8)
+
+
+def test_set_overrides_preset_fields_and_refuses_bad_ones(capsys):
+    from benchmarks.presets import get_preset, parse_setting
+    from benchmarks.run import main
+
+    over = dict(parse_setting(s) for s in ("iterations=1000", 'methods=["random", "free"]',
+                                           'free={"inversion_jitter": 2}', "dataset=synthetic"))
+    p = get_preset("quick", **over)
+    assert (p.iterations, p.methods, p.dataset) == (1000, ("random", "free"), "synthetic")
+    assert p.free_overrides()["inversion_jitter"] == 2
+    for bad, msg in (("iterations=abc", "must be int"), ("nope=1", "unknown preset field"),
+                     ('methods=["magic"]', "methods must be"), ('free={"inversion_jitter": -1}', "inversion_jitter"),
+                     ("oops", "FIELD=VALUE"), ('methods=["random"]', "recovery section")):
+        with pytest.raises(SystemExit) as e:
+            main(["--preset", "tiny", "--set", bad, "--out", "/nonexistent/never-written"])
+        assert e.value.code == 2
+        assert msg in capsys.readouterr().err
