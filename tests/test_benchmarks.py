@@ -214,3 +214,27 @@ def test_set_overrides_preset_fields_and_refuses_bad_ones(capsys):
             main(["--preset", "tiny", "--set", bad, "--out", "/nonexistent/never-written"])
         assert e.value.code == 2
         assert msg in capsys.readouterr().err
+
+
+def test_meta_val_sweep_scores_every_variant_and_seed_on_meta_val(tmp_path, capsys):
+    from benchmarks.meta_val_sweep import main
+
+    out = tmp_path / "sweep"
+    rc = main(["--out", str(out), "--preset", "tiny", "--dataset", "synthetic", "--iterations", "2",
+               "--every", "1", "--episodes", "4", "--seeds", "0,1", "--workers", "0",
+               "--variant", "base={}", "--variant", 'j1={"inversion_jitter": 1}'])
+    assert rc == 0
+    runs = [json.loads(x) for x in (out / "sweep.jsonl").read_text().splitlines()]
+    assert sorted((r["variant"], r["seed"]) for r in runs) == [("base", 0), ("base", 1), ("j1", 0), ("j1", 1)]
+    assert all([c["iteration"] for c in r["curve"]] == [1, 2] for r in runs)
+    assert all(0 <= c["acc"] <= 100 for r in runs for c in r["curve"])
+    md = (out / "sweep.md").read_text()
+    assert "| iteration | seed | base | j1 | j1 - base |" in md and "**mean**" in md
+    capsys.readouterr()
+    for bad, msg in (("j=oops", "not JSON"), ('j={"inversion_jitter": -3}', "inversion_jitter"),
+                     ('j={"nope": 1}', "unknown FreeConfig key")):
+        with pytest.raises(SystemExit) as e:
+            main(["--out", str(tmp_path / "never"), "--preset", "tiny", "--variant", bad])
+        assert e.value.code == 2
+        assert msg in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
