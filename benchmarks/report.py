@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,7 @@ def targets(doc: dict) -> list[dict]:
         sizes = [r["size"] for r in sc.get("rows", [])]
         out.append({"target": f"peak RSS at {sizes[-1] if sizes else '?'} models / at {sizes[0] if sizes else '?'}",
                     "goal": "<= 1.2", "measured": val, "met": None if val is None else val <= 1.2})
-    if doc.get("preset") == "quick":
+    if doc.get("preset") == "quick" and doc.get("complete_preset", True):
         w = doc.get("wall_s")
         out.append({"target": "quick preset wall time (s)", "goal": "< 1800 s on 2 CPU cores",
                     "measured": w, "met": None if w is None else w < 1800})
@@ -87,7 +88,11 @@ def markdown(doc: dict) -> str:
           + (f", with uncommitted changes in {', '.join((doc.get('git') or {}).get('modified') or [])}"
              if (doc.get('git') or {}).get('modified') else ""),
           f"- seed {doc['seed']}, data `{doc['settings']['dataset']}` at {doc['settings']['image_size']} px; "
-          f"started {doc['started']}, wall time {doc['wall_s']:.0f} s", ""]
+          f"started {doc['started']}, wall time {doc['wall_s']:.0f} s"]
+    if doc.get("overrides"):
+        L.append("- preset fields overridden: " + ", ".join(f"`{k}` = `{json.dumps(v)}`"
+                                                           for k, v in doc["overrides"].items()))
+    L.append("")
     tg = doc.get("targets") or []
     if tg:
         L += ["## Targets", "", "| target | goal | measured | met |", "|---|---|---|---|"]

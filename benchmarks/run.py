@@ -93,6 +93,9 @@ def run(preset: str = "quick", *, out: str | Path | None = None, device: str = "
         "preset": preset, "seed": p.seed, "settings": p.to_dict(), "machine": machine,
         "command": command or "benchmarks.run.run(" + repr(preset) + ")", "started": started,
         "wall_s": round(wall, 1), "out": str(out), "git": git, "sections": {},
+        # preset fields set by the caller (beyond the worker count): the run is not the preset as such
+        "overrides": {k: v for k, v in overrides.items() if k != "workers"},
+        "complete_preset": sections == list(SECTIONS) and set(overrides) <= {"workers", "seed"},
         "jobs": {k: {"ok": o.ok, "wall_s": round(o.wall_s, 2)} for k, o in outcomes.items()},
         "job_errors": {k: o.error for k, o in outcomes.items() if not o.ok},
     }

@@ -133,6 +133,7 @@ def test_tiny_preset_end_to_end(tmp_path):
     doc = json.loads((out / "results.json").read_text())
     assert rc == 0, doc["job_errors"]
     assert doc["preset"] == "tiny" and doc["seed"] == 0
+    assert doc["overrides"] == {"dataset": "synthetic"} and doc["complete_preset"] is False
     m = doc["machine"]
     assert m["torch"] == torch.__version__ and m["cpu"] and "gpu" in m
     assert set(doc["sections"]) == set(SECTIONS)
