@@ -59,13 +59,9 @@ def _diff(a, b, gen_a, gen_b) -> dict:
 
 
 def metagenerator(cfg, seed: int, device):
-    """A meta-generator as ``cfg`` (a FreeConfig) sets it up, its random numbers seeded with ``seed``."""
+    """``MetaGenerator.from_config(cfg)`` with its random numbers seeded with ``seed``."""
     from free_dfml.server.meta_generator import MetaGenerator
-    return MetaGenerator(nz=cfg.nz, ngf=cfg.ngf, image_size=cfg.image_size, channels=cfg.channels,
-                         inner_steps=cfg.inner_steps, inner_lr=cfg.gen_lr, z_lr=cfg.z_lr,
-                         meta_lr=cfg.gen_meta_lr, betas=tuple(cfg.gen_betas),
-                         samples_per_class=cfg.samples_per_class, lambda_bn=cfg.lambda_bn,
-                         rng=torch.Generator().manual_seed(seed), device=device)
+    return MetaGenerator.from_config(cfg, rng=torch.Generator().manual_seed(seed), device=device)
 
 
 def batched_config(p):

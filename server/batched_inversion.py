@@ -44,8 +44,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from free_dfml.server.generator import Generator, to_teacher_input
 from free_dfml.server.meta_generator import (BNStatLoss, InversionResult, MetaGenerator, Params,
-                                             Teacher, class_targets, invert, new_generator,
-                                             roll_images, sample_latents, sample_shifts)
+                                             Teacher, invert, roll_images, scratch_draws)
 
 Student = Callable[[torch.Tensor], torch.Tensor]
 
@@ -301,11 +300,7 @@ def five_step(metagen: MetaGenerator, teachers: Sequence[Teacher], *, lambda_adv
     FOMAML meta-update (gradients summed in teacher order), same results to float tolerance."""
     if not teachers:
         raise ValueError("a FIVE step needs at least one teacher")
-    ys = [class_targets(t.num_classes, metagen.samples_per_class, metagen.device) for t in teachers]
-    zs, shifts = [], []
-    for y in ys:           # same draws, same order as MetaGenerator.adapt in a loop
-        zs.append(sample_latents(len(y), metagen.nz, metagen.rng, metagen.device))
-        shifts.append(sample_shifts(metagen.inner_steps, metagen.jitter, metagen.rng, metagen.device))
+    ys, zs, shifts = zip(*[metagen.draw(t) for t in teachers])   # as MetaGenerator.adapt in a loop
     phi = metagen.params()
     results = invert_grouped(teachers, metagen.generator, [phi] * len(teachers), zs, ys,
                              steps=metagen.inner_steps, lr=metagen.inner_lr, z_lr=metagen.z_lr,
@@ -328,14 +323,14 @@ def scratch_inversions(teachers: Sequence[Teacher], *, nz: int, ngf: int, image_
                        jitter: int = 0, max_batch: int | None = None) -> list[InversionResult]:
     """``[invert_from_scratch(t, ...) for t in teachers]`` (the trainer's scratch branch), batched:
     fresh generators and latents drawn from ``rng`` in the same order, inner loops stacked."""
-    gens, zs, ys, shifts = [], [], [], []
+    gens, ys, zs, shifts = [], [], [], []
     for t in teachers:     # same draws, same order as invert_from_scratch in a loop
-        gen = new_generator(nz, ngf, image_size, channels, rng, device)
-        y = class_targets(t.num_classes, per_class, device)
-        zs.append(sample_latents(len(y), nz, rng, device))
-        shifts.append(sample_shifts(steps, jitter, rng, device))
-        ys.append(y)
+        gen, y, z, s = scratch_draws(t, nz=nz, ngf=ngf, image_size=image_size, channels=channels, steps=steps,
+                                     per_class=per_class, jitter=jitter, rng=rng, device=device)
         gens.append({k: v.detach() for k, v in gen.named_parameters()})
+        ys.append(y)
+        zs.append(z)
+        shifts.append(s)
     skeleton = Generator(nz=nz, ngf=ngf, image_size=image_size, channels=channels).to(device)
     return invert_grouped(teachers, skeleton, gens, zs, ys, steps=steps, lr=lr, z_lr=z_lr, betas=betas,
                           lambda_adv=lambda_adv, student=student, student_model=student_model,

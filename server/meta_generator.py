@@ -277,6 +277,17 @@ def new_generator(nz: int, ngf: int, image_size: int, channels: int, rng: torch.
     return gen.to(device)
 
 
+def scratch_draws(teacher: Teacher, *, nz: int, ngf: int, image_size: int, channels: int, steps: int,
+                  per_class: int, jitter: int, rng: torch.Generator, device: torch.device | str = "cpu"
+                  ) -> tuple[Generator, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """What a scratch inversion of ``teacher`` draws from ``rng``, in this order: a fresh generator,
+    the latents, the jitter shifts. Returns (generator, targets, latents, shifts)."""
+    gen = new_generator(nz, ngf, image_size, channels, rng, device)
+    y = class_targets(teacher.num_classes, per_class, device)
+    z = sample_latents(len(y), nz, rng, device)
+    return gen, y, z, sample_shifts(steps, jitter, rng, device)
+
+
 def invert_from_scratch(teacher: Teacher, *, nz: int, ngf: int, image_size: int, channels: int,
                         steps: int, per_class: int, rng: torch.Generator,
                         device: torch.device | str = "cpu", lr: float = 1e-3, z_lr: float = 1e-3,
@@ -284,10 +295,8 @@ def invert_from_scratch(teacher: Teacher, *, nz: int, ngf: int, image_size: int,
                         student: Student | None = None, subset: Sequence[int] | None = None,
                         lambda_bn: float = 0.0, jitter: int = 0) -> InversionResult:
     """The ``scratch`` baseline: a fresh generator for this model, ``steps`` inversion steps."""
-    gen = new_generator(nz, ngf, image_size, channels, rng, device)
-    y = class_targets(teacher.num_classes, per_class, device)
-    z = sample_latents(len(y), nz, rng, device)
-    shifts = sample_shifts(steps, jitter, rng, device)
+    gen, y, z, shifts = scratch_draws(teacher, nz=nz, ngf=ngf, image_size=image_size, channels=channels,
+                                      steps=steps, per_class=per_class, jitter=jitter, rng=rng, device=device)
     return invert(teacher, gen, dict(gen.named_parameters()), z, y, steps=steps, lr=lr, z_lr=z_lr,
                   betas=betas, lambda_adv=lambda_adv, student=student, subset=subset,
                   lambda_bn=lambda_bn, shifts=shifts)
@@ -309,16 +318,32 @@ class MetaGenerator:
         self.jitter = jitter
         self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=meta_lr, betas=betas)
 
+    @classmethod
+    def from_config(cls, cfg, *, rng: torch.Generator | None = None,
+                    device: torch.device | str = "cpu") -> "MetaGenerator":
+        """The meta-generator that a :class:`~free_dfml.server.trainer.FreeConfig` ``cfg`` sets up."""
+        return cls(nz=cfg.nz, ngf=cfg.ngf, image_size=cfg.image_size, channels=cfg.channels,
+                   inner_steps=cfg.inner_steps, inner_lr=cfg.gen_lr, z_lr=cfg.z_lr, meta_lr=cfg.gen_meta_lr,
+                   betas=tuple(cfg.gen_betas), samples_per_class=cfg.samples_per_class,
+                   lambda_bn=cfg.lambda_bn, jitter=cfg.inversion_jitter, rng=rng, device=device)
+
     def params(self) -> Params:
         return {k: v.detach() for k, v in self.generator.named_parameters()}
+
+    def draw(self, teacher: Teacher, steps: int | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What adapting to ``teacher`` draws from ``self.rng``, in this order: the latents, then the
+        jitter shifts. Returns (targets, latents, shifts)."""
+        y = class_targets(teacher.num_classes, self.samples_per_class, self.device)
+        z = sample_latents(len(y), self.nz, self.rng, self.device)
+        shifts = sample_shifts(self.inner_steps if steps is None else steps, self.jitter, self.rng, self.device)
+        return y, z, shifts
 
     def adapt(self, teacher: Teacher, *, steps: int | None = None, lambda_adv: float = 0.0,
               student: Student | None = None, subset: Sequence[int] | None = None) -> InversionResult:
         """Specialise the current meta-generator to one teacher (no meta-update)."""
-        y = class_targets(teacher.num_classes, self.samples_per_class, self.device)
-        z = sample_latents(len(y), self.nz, self.rng, self.device)
         steps = self.inner_steps if steps is None else steps
-        shifts = sample_shifts(steps, self.jitter, self.rng, self.device)
+        y, z, shifts = self.draw(teacher, steps)
         return invert(teacher, self.generator, self.params(), z, y, steps=steps, lr=self.inner_lr,
                       z_lr=self.z_lr, betas=self.betas, lambda_adv=lambda_adv, student=student,
                       subset=subset, lambda_bn=self.lambda_bn, shifts=shifts)

@@ -213,11 +213,7 @@ class FreeTrainer:
             outer_lr=cfg.outer_lr, second_order=cfg.second_order, patience=cfg.patience,
             max_batches=cfg.max_replay_batches, augment=cfg.replay_augment, bell_lr=cfg.bell_lr,
             bell_optimizer=cfg.bell_optimizer, beta=cfg.beta, device=self.device)
-        self.metagen = MetaGenerator(
-            nz=cfg.nz, ngf=cfg.ngf, image_size=cfg.image_size, channels=cfg.channels,
-            inner_steps=cfg.inner_steps, inner_lr=cfg.gen_lr, z_lr=cfg.z_lr, meta_lr=cfg.gen_meta_lr,
-            betas=tuple(cfg.gen_betas), samples_per_class=cfg.samples_per_class,
-            lambda_bn=cfg.lambda_bn, jitter=cfg.inversion_jitter, rng=self.gen_rng, device=self.device)
+        self.metagen = MetaGenerator.from_config(cfg, rng=self.gen_rng, device=self.device)
         if cfg.uses_batched_inversion(self.device) and cfg.inversion == "five":
             from free_dfml.server.batched_inversion import install
             install(self)
