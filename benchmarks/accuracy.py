@@ -27,8 +27,8 @@ import torch
 
 from benchmarks.common import evaluate_learner, open_data, sync
 from benchmarks.jobs import Ctx, Job
+from benchmarks.presets import METHODS
 
-METHODS = ("random", "average", "scratch", "free-noalign", "free", "oracle")
 LABELS = {
     "random": "random init",
     "average": "average of zoo models",

@@ -13,6 +13,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+# the accuracy section's methods (benchmarks/accuracy.py), in table order
+METHODS = ("random", "average", "scratch", "free-noalign", "free", "oracle")
+
 
 @dataclass
 class Preset:
@@ -34,7 +37,7 @@ class Preset:
     free_preset: str = "quick"         # FreeConfig.preset name, then the overrides below
     free: dict[str, Any] = field(default_factory=dict)
     iterations: int = 80
-    methods: tuple[str, ...] = ("random", "average", "scratch", "free-noalign", "free", "oracle")  # accuracy section
+    methods: tuple[str, ...] = METHODS     # the accuracy section's methods (a subset, e.g. with --set)
     # steps of a fresh generator per model (scratch baseline). 25 on CPU: in the recovery probe a
     # fresh generator reaches agreement 1.0 on glyph teachers within ~11 steps; full uses 200
     scratch_steps: int = 25
@@ -128,7 +131,6 @@ def get_preset(name: str, **overrides: Any) -> Preset:
         if typed and not (isinstance(v, type(default)) or (isinstance(default, float) and isinstance(v, int))):
             raise ValueError(f"preset field {k} must be {type(default).__name__}, got {v!r}")
     p = replace(base, **overrides)
-    from benchmarks.accuracy import METHODS
     unknown = sorted(set(p.methods) - set(METHODS))
     if unknown or not p.methods:
         raise ValueError(f"methods must be a non-empty subset of {', '.join(METHODS)}, got {list(p.methods)}")

@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     only = [s.strip() for s in a.only.split(",") if s.strip()] if a.only else None
     try:                                            # refuse bad fields / values before any work
         over.update(parse_setting(s) for s in a.set)
-        check_sections(only, get_preset(a.preset, **dict(over)))
+        check_sections(only, get_preset(a.preset, **over))
     except ValueError as e:
         ap.error(str(e))
     cmd = "python -m benchmarks.run " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
