@@ -78,9 +78,13 @@ def table(runs: list[dict], variants: list[str]) -> str:
                 if d is not None:
                     sums[f"{v} - {variants[0]}"].append(d)
             lines.append("| " + " | ".join(cells) + " |")
-        mean = [f"**{it}**", "**mean**"] + [("-" if not sums[k] else f"**{sum(sums[k]) / len(sums[k]):+.2f}**"
-                                              if " - " in k else f"**{sum(sums[k]) / len(sums[k]):.2f}**")
-                                             for k in head[2:]]
+        mean = [f"**{it}**", "**mean**"]
+        for k in head[2:]:
+            if not sums[k]:                  # no run of that variant reached this iteration
+                mean.append("-")
+                continue
+            fmt = "+.2f" if " - " in k else ".2f"     # differences carry their sign
+            mean.append(f"**{sum(sums[k]) / len(sums[k]):{fmt}}**")
         lines.append("| " + " | ".join(mean) + " |")
     return "\n".join(lines) + "\n"
 

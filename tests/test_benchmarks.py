@@ -231,6 +231,8 @@ def test_meta_val_sweep_scores_every_variant_and_seed_on_meta_val(tmp_path, caps
     assert all(0 <= c["acc"] <= 100 for r in runs for c in r["curve"])
     md = (out / "sweep.md").read_text()
     assert "| iteration | seed | base | j1 | j1 - base |" in md and "**mean**" in md
+    from benchmarks.meta_val_sweep import table      # a variant whose runs all failed: dashes, no crash
+    assert "| **2** | **mean** | " in table([r for r in runs if r["variant"] == "base"], ["base", "j1"])
     capsys.readouterr()
     for bad, msg in (("j=oops", "not JSON"), ('j={"inversion_jitter": -3}', "inversion_jitter"),
                      ('j={"nope": 1}', "unknown FreeConfig key")):
