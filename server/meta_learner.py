@@ -82,6 +82,11 @@ def zoo_normalisation(metas: Sequence, channels: int) -> tuple[tuple[float, ...]
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
+def _is_head(name: str) -> bool:
+    """Whether a learner parameter name (``model.head.weight`` under :class:`Normalized`) is the head's."""
+    return name.startswith("head.") or ".head." in name
+
+
 def distill_loss(teacher: Teacher, student_logits: torch.Tensor, images: torch.Tensor,
                  labels: torch.Tensor, subset: Sequence[int] | None,
                  teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
@@ -101,7 +106,7 @@ class MetaLearner:
                  replay_query: int = 15, outer_lr: float = 1e-3, second_order: bool = False,
                  patience: int = 10, max_batches: int = 100, augment: str = "none",
                  bell_lr: float = 1e-3,
-                 bell_optimizer: str = "adam", beta: float = 0.5,
+                 bell_optimizer: str = "adam", beta: float = 0.5, bell_head: bool = True,
                  device: torch.device | str = "cpu"):
         if bell_optimizer not in ("adam", "sgd"):
             raise ValueError("bell_optimizer must be 'adam' or 'sgd'")
@@ -115,6 +120,7 @@ class MetaLearner:
         self.replay_shot, self.replay_query = replay_shot, replay_query
         self.second_order, self.patience, self.max_batches = second_order, patience, max_batches
         self.bell_lr, self.bell_optimizer, self.beta = bell_lr, bell_optimizer, beta
+        self.bell_head = bell_head
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=outer_lr)
 
     # ---------------------------------------------------------------------------------- student
@@ -129,6 +135,11 @@ class MetaLearner:
              rng: torch.Generator | None = None) -> dict[str, float]:
         """Sequential distillation over ``items`` = (teacher, images, labels, subset), then the
         Reptile-style interpolation ``theta += beta * (theta' - theta)``. Returns the mean KL.
+
+        With ``bell_head=False`` the interpolation skips the linear head: theta' still trains its
+        head in the sequence (each teacher in its own local label order), but only the feature
+        extractor keeps the step, so BELL does not pull the head that replay meta-learns towards
+        the arbitrary label orders of the teachers drawn.
 
         With ``augment="color"`` and an ``rng``, the meta-learner sees colour-augmented copies of
         the images while the teacher's targets come from the images as recovered, so BELL, like
@@ -154,7 +165,8 @@ class MetaLearner:
                         for k, v in fast.items()}
         with torch.no_grad():
             for k, p in self.model.named_parameters():
-                p.add_(fast[k].detach() - p, alpha=self.beta)
+                if self.bell_head or not _is_head(k):
+                    p.add_(fast[k].detach() - p, alpha=self.beta)
         return {"bell_kl": sum(losses) / max(1, len(losses))}
 
     # ------------------------------------------------------------------------------------- MAML

@@ -70,6 +70,7 @@ class FreeConfig:
     bell_lr: float = 1e-3
     bell_optimizer: str = "adam"        # "adam" | "sgd"
     beta: float = 0.5                   # Reptile step size: theta += beta * (theta' - theta)
+    bell_head: bool = True              # False: BELL's step leaves the learner's linear head as it was
     # MAML replay
     meta_batch: int = 10
     inner_lr: float = 0.01              # adaptation lr: replay AND evaluation, every method
@@ -212,7 +213,8 @@ class FreeTrainer:
             meta_batch=cfg.meta_batch, replay_shot=cfg.replay_shot, replay_query=cfg.replay_query,
             outer_lr=cfg.outer_lr, second_order=cfg.second_order, patience=cfg.patience,
             max_batches=cfg.max_replay_batches, augment=cfg.replay_augment, bell_lr=cfg.bell_lr,
-            bell_optimizer=cfg.bell_optimizer, beta=cfg.beta, device=self.device)
+            bell_optimizer=cfg.bell_optimizer, beta=cfg.beta, bell_head=cfg.bell_head,
+            device=self.device)
         self.metagen = MetaGenerator.from_config(cfg, rng=self.gen_rng, device=self.device)
         if cfg.uses_batched_inversion(self.device) and cfg.inversion == "five":
             from free_dfml.server.batched_inversion import install

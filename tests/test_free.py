@@ -281,6 +281,29 @@ def test_bell_moves_parameters_toward_sequentially_adapted_copy(tiny_packages, o
     assert dist_before > 0 and dist_after < dist_before
 
 
+def test_bell_without_head_keeps_the_head_and_moves_the_features_as_with_it(tiny_packages):
+    teachers = [as_teacher(p) for p in tiny_packages[:3]]
+    gen = torch.Generator().manual_seed(1)
+    items = [(t, torch.rand(8, 3, 32, 32, generator=gen), torch.arange(4).repeat(2), None) for t in teachers]
+    moved = {}
+    for head in (True, False):
+        learner = build_learner(5, width=8, rng=torch.Generator().manual_seed(0))
+        theta = {k: v.detach().clone() for k, v in learner.named_parameters()}
+        MetaLearner(learner, way=5, bell_lr=0.5, bell_optimizer="sgd", beta=0.3, bell_head=head).bell(items)
+        moved[head] = {k: not torch.equal(p.detach(), theta[k]) for k, p in learner.named_parameters()}
+        after = {k: p.detach().clone() for k, p in learner.named_parameters()}
+        if head:
+            with_head = after
+        else:
+            heads = [k for k in theta if ".head." in k]
+            assert heads and all(torch.equal(after[k], theta[k]) for k in heads)
+            # the features take the same step either way: the head only leaves the write-back
+            feats = [k for k in theta if k not in heads]
+            assert all(torch.equal(after[k], with_head[k]) for k in feats)
+    assert all(moved[True].values())
+    assert any(moved[False].values())
+
+
 # ------------------------------------------------------------------------------------------ MAML
 
 def test_maml_replay_lowers_query_loss(fake_dataset):
