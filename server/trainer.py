@@ -68,7 +68,9 @@ class FreeConfig:
     # BELL
     align: bool = True
     bell_lr: float = 1e-3
-    bell_optimizer: str = "adam"        # "adam" | "sgd"
+    # "adam" (a fresh state every iteration) | "sgd". On glyph meta-val, adam left the learner at
+    # chance on 2 of 6 seeds (its head norm kept growing); sgd at bell_lr 0.1 never did (docs/algorithm.md)
+    bell_optimizer: str = "adam"
     beta: float = 0.5                   # Reptile step size: theta += beta * (theta' - theta)
     bell_head: bool = True              # False: BELL's step leaves the learner's linear head as it was
     # MAML replay
