@@ -190,6 +190,12 @@ def feature_keys(model: nn.Module) -> list[str]:
     return [k for k in model.state_dict() if k.startswith("features.")]
 
 
+def is_head_key(name: str) -> bool:
+    """Whether a parameter / state-dict name belongs to the linear head, on a bare classifier
+    (``head.weight``) or one wrapped in :class:`Normalized` (``model.head.weight``)."""
+    return name.startswith("head.") or ".head." in name
+
+
 def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 

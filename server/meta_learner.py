@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from free_dfml.common.adaptation import adapt, buffers_of, forward, parameters_of
-from free_dfml.common.models import Normalized, build_model
+from free_dfml.common.models import Normalized, build_model, is_head_key
 from free_dfml.server.memory_bank import MemoryBank
 from free_dfml.server.meta_generator import AdamState, Teacher, adam_update, kl_per_sample, restrict
 
@@ -80,11 +80,6 @@ def zoo_normalisation(metas: Sequence, channels: int) -> tuple[tuple[float, ...]
     mean = torch.tensor([m.mean for m in ms], dtype=torch.float64).mean(0)
     std = torch.tensor([m.std for m in ms], dtype=torch.float64).mean(0)
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
-
-
-def _is_head(name: str) -> bool:
-    """Whether a learner parameter name (``model.head.weight`` under :class:`Normalized`) is the head's."""
-    return name.startswith("head.") or ".head." in name
 
 
 def distill_loss(teacher: Teacher, student_logits: torch.Tensor, images: torch.Tensor,
@@ -165,7 +160,7 @@ class MetaLearner:
                         for k, v in fast.items()}
         with torch.no_grad():
             for k, p in self.model.named_parameters():
-                if self.bell_head or not _is_head(k):
+                if self.bell_head or not is_head_key(k):
                     p.add_(fast[k].detach() - p, alpha=self.beta)
         return {"bell_kl": sum(losses) / max(1, len(losses))}
 

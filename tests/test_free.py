@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from free_dfml.common.adaptation import adapt, buffers_of, forward
 from free_dfml.common.datasets import to_float
-from free_dfml.common.models import Normalized, build_model
+from free_dfml.common.models import Normalized, build_model, is_head_key
 from free_dfml.server.generator import Generator, to_teacher_input
 from free_dfml.server.memory_bank import MemoryBank
 from free_dfml.server.meta_generator import (MetaGenerator, Teacher, bn_loss_hooks, class_targets,
@@ -297,6 +297,7 @@ def test_bell_without_head_keeps_the_head_and_moves_the_features_as_with_it(tiny
         else:
             heads = [k for k in theta if ".head." in k]
             assert heads and all(torch.equal(after[k], theta[k]) for k in heads)
+            assert [k for k in theta if is_head_key(k)] == heads == ["model.head.weight", "model.head.bias"]
             # the features take the same step either way: the head only leaves the write-back
             feats = [k for k in theta if k not in heads]
             assert all(torch.equal(after[k], with_head[k]) for k in feats)
