@@ -91,45 +91,60 @@ def run(ctx: Ctx, deps: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()     # the peak below is this T's alone
         teachers = _teachers(T, p.batched_width, cfg, device, p.seed)
-        seq_mg, bat_mg = make_mg(), make_mg()
+        seq_mg, bat_mg, vmap_mg = make_mg(), make_mg(), make_mg()
+        steps = {"seq": lambda: seq_mg.step(teachers, lambda_adv=1.0, student=student()),
+                 "bat": lambda: five_step(bat_mg, teachers, lambda_adv=1.0, student_model=learner),
+                 "vmap": lambda: five_step(vmap_mg, teachers, lambda_adv=1.0, student_model=learner,
+                                           engine="vmap")}
         # step 0, from identical states: the comparison (and the warm-up for this T's shapes)
-        a = seq_mg.step(teachers, lambda_adv=1.0, student=student())
-        b = five_step(bat_mg, teachers, lambda_adv=1.0, student_model=learner)
+        a, b = steps["seq"](), steps["bat"]()
         diff = _diff(a, b, seq_mg.generator, bat_mg.generator)
         del a, b
-        t_seq, t_bat = [], []
-        rss_seq = rss_bat = None
+        steps["vmap"]()
+        times: dict[str, list[float]] = {k: [] for k in steps}
+        rss: dict[str, float | None] = {k: None for k in steps}
         for _ in range(max(1, p.batched_repeats)):
-            reset_peak_rss()
-            sync(device)
-            t0 = time.perf_counter()
-            seq_mg.step(teachers, lambda_adv=1.0, student=student())
-            sync(device)
-            t_seq.append(time.perf_counter() - t0)
-            rss_seq = peak_rss_mb()
-            reset_peak_rss()
-            t0 = time.perf_counter()
-            five_step(bat_mg, teachers, lambda_adv=1.0, student_model=learner)
-            sync(device)
-            t_bat.append(time.perf_counter() - t0)
-            rss_bat = peak_rss_mb()
-        ms, mb = statistics.median(t_seq), statistics.median(t_bat)
+            for k, fn in steps.items():          # interleaved, so a slow spell of the machine hits all three
+                reset_peak_rss()
+                sync(device)
+                t0 = time.perf_counter()
+                fn()
+                sync(device)
+                times[k].append(time.perf_counter() - t0)
+                rss[k] = peak_rss_mb()
+        ms, mb, mv = (statistics.median(times[k]) for k in ("seq", "bat", "vmap"))
         row = {"T": T, "sequential_s": round(ms, 4), "batched_s": round(mb, 4),
-               "speedup": round(ms / mb, 3), "max_abs_diff": diff,
-               "sequential_peak_rss_mb": round(rss_seq, 1) if rss_seq else None,
-               "batched_peak_rss_mb": round(rss_bat, 1) if rss_bat else None}
+               "speedup": round(ms / mb, 3), "vmap_s": round(mv, 4), "vmap_speedup": round(ms / mv, 3),
+               "max_abs_diff": diff,
+               "sequential_peak_rss_mb": round(rss["seq"], 1) if rss["seq"] else None,
+               "batched_peak_rss_mb": round(rss["bat"], 1) if rss["bat"] else None}
         if device.type == "cuda":
             row["gpu_peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
         rows.append(row)
-        del teachers, seq_mg, bat_mg
-    f64 = _float64_check(p, cfg, device)
-    return {"rows": rows, "float64_max_abs_diff": f64, "device": str(device), "teacher": f"conv4 width {p.batched_width}",
+        del teachers, seq_mg, bat_mg, vmap_mg, steps
+    f64 = {e: _float64_check(p, cfg, device, e) for e in ("auto", "vmap")}
+    return {"rows": rows, "float64_max_abs_diff": f64["auto"], "float64_max_abs_diff_vmap": f64["vmap"],
+            "engine": batched_engine(cfg, p, device),
+            "device": str(device), "teacher": f"conv4 width {p.batched_width}",
             "images_per_teacher": cfg.way * cfg.samples_per_class, "inner_steps": cfg.inner_steps,
             "generator": {"nz": cfg.nz, "ngf": cfg.ngf}, "threads": torch.get_num_threads()}
 
 
-def _float64_check(p, cfg, device) -> dict:
-    """The same comparison in float64 (4 teachers, one FIVE step with L_adv): rounding-level agreement."""
+def batched_engine(cfg, p, device) -> str:
+    """The engine ``five_step``'s default ("auto") picks for this section's teachers and learner."""
+    from free_dfml.server import grouped_nets
+    from free_dfml.server.generator import Generator
+    from free_dfml.server.meta_learner import build_learner
+    ok = (grouped_nets.supports(Generator(nz=cfg.nz, ngf=cfg.ngf, image_size=cfg.image_size, channels=cfg.channels))
+          and grouped_nets.supports(_teachers(1, p.batched_width, cfg, "cpu", 0)[0].model)
+          and grouped_nets.supports(build_learner(cfg.way, width=cfg.learner_width, image_size=cfg.image_size,
+                                                  channels=cfg.channels)))
+    return "grouped-conv" if ok else "vmap"
+
+
+def _float64_check(p, cfg, device, engine: str = "auto") -> dict:
+    """The same comparison in float64 (4 teachers, one FIVE step with L_adv, through ``engine``):
+    rounding-level agreement."""
     from free_dfml.server.batched_inversion import five_step
     from free_dfml.server.meta_generator import MetaGenerator
     from free_dfml.server.meta_learner import MetaLearner, build_learner
@@ -143,7 +158,7 @@ def _float64_check(p, cfg, device) -> dict:
                              inner_steps=cfg.inner_steps, samples_per_class=min(4, cfg.samples_per_class),
                              rng=torch.Generator().manual_seed(p.seed + 1), device=device) for _ in range(2)]
         a = mgs[0].step(teachers, lambda_adv=1.0, student=MetaLearner(learner, device=device).student())
-        b = five_step(mgs[1], teachers, lambda_adv=1.0, student_model=learner)
+        b = five_step(mgs[1], teachers, lambda_adv=1.0, student_model=learner, engine=engine)
         return _diff(a, b, mgs[0].generator, mgs[1].generator)
     finally:
         torch.set_default_dtype(old)

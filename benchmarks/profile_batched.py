@@ -1,6 +1,7 @@
-"""Profile one FIVE step, the sequential loop against the batched step, with torch.profiler; then
-time both with cuDNN's TF32 off and on, and with TF32 matmuls too. Not part of the harness: it
-explains the batched section's GPU figures (benchmarks/results/gpu-h200/profile-full-T16.txt).
+"""Profile one FIVE step, the sequential loop against the batched step (its two engines,
+grouped-conv and vmap), with torch.profiler; then time them with cuDNN's TF32 off and on, with TF32
+matmuls too, and the grouped-conv engine with channels-last activations on the GPU. Not part of the
+harness: it explains the batched section's GPU figures (benchmarks/results/gpu-h200/).
 
     python -m benchmarks.profile_batched [DEVICE [PRESET [T]]]     (defaults: cuda full 16)
 """
@@ -41,8 +42,12 @@ def main(device: str = "cuda", preset: str = "full", T: int = 16) -> None:
     student = MetaLearner(learner, device=dev).student
     teachers = _teachers(T, p.batched_width, cfg, dev, 0)
     seq_mg, bat_mg = metagenerator(cfg, 1, dev), metagenerator(cfg, 1, dev)
+    vmap_mg = metagenerator(cfg, 1, dev)
     steps = {"sequential": lambda: seq_mg.step(teachers, lambda_adv=1.0, student=student()),
-             "batched": lambda: five_step(bat_mg, teachers, lambda_adv=1.0, student_model=learner)}
+             "batched grouped-conv": lambda: five_step(bat_mg, teachers, lambda_adv=1.0, student_model=learner,
+                                                       engine="grouped-conv"),
+             "batched vmap": lambda: five_step(vmap_mg, teachers, lambda_adv=1.0, student_model=learner,
+                                               engine="vmap")}
     cuda = dev.type == "cuda"
     for name, fn in steps.items():
         fn()                                      # a second warm-up (the first is in _seconds)
@@ -62,6 +67,15 @@ def main(device: str = "cuda", preset: str = "full", T: int = 16) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     for name, fn in steps.items():
         print(f"matmul tf32 too, {name}: {_seconds(fn, dev, repeats=2):.3f} s")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    from free_dfml.server import grouped_nets
+    plain = grouped_nets.cpu_layout
+    grouped_nets.cpu_layout = lambda x: x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+    try:
+        for name in ("sequential", "batched grouped-conv"):
+            print(f"channels-last grouped layout, {name}: {_seconds(steps[name], dev, repeats=3):.3f} s")
+    finally:
+        grouped_nets.cpu_layout = plain
 
 
 if __name__ == "__main__":

@@ -161,18 +161,23 @@ def markdown(doc: dict) -> str:
             L += [f"One FIVE step (k = {bat['inner_steps']} inner steps, {bat['images_per_teacher']} images per "
                   f"teacher, generator nz {bat['generator']['nz']} ngf {bat['generator']['ngf']}, "
                   f"{bat['teacher']} teachers, L_adv on) on `{bat['device']}` with {bat['threads']} thread(s): "
-                  "the sequential loop (`MetaGenerator.step`) against `batched_inversion.five_step`, same seeds.",
-                  "", "| T | sequential s | batched s | speed-up | max abs diff images | max abs diff grads | "
-                  "peak RSS seq / batched MB |", "|---|---|---|---|---|---|---|"]
+                  "the sequential loop (`MetaGenerator.step`) against `batched_inversion.five_step`, same seeds, "
+                  f"with its default engine (`{bat.get('engine', 'vmap')}`) and, where measured, with `engine=\"vmap\"`.",
+                  "", "| T | sequential s | batched s | speed-up | vmap s | vmap speed-up | max abs diff images | "
+                  "max abs diff grads | peak RSS seq / batched MB |", "|---|---|---|---|---|---|---|---|---|"]
             for r in bat["rows"]:
                 d = r["max_abs_diff"]
                 L.append(f"| {r['T']} | {r['sequential_s']:.3f} | {r['batched_s']:.3f} | {r['speedup']:.2f}x | "
+                         f"{_f(r.get('vmap_s'), 3)} | {_f(r.get('vmap_speedup'), 2, 'x')} | "
                          f"{d['images']:.2e} | {d['last_grads']:.2e} | {_f(r.get('sequential_peak_rss_mb'), 0)} / "
                          f"{_f(r.get('batched_peak_rss_mb'), 0)} |")
             f64 = bat.get("float64_max_abs_diff")
             if f64:
+                v64 = bat.get("float64_max_abs_diff_vmap")
+                vtxt = (f" (`vmap` engine: {max(v64[k] for k in ('images', 'last_grads', 'generator')):.1e} at most)"
+                        if v64 else "")
                 L += ["", f"float64, 4 teachers, one step: max abs difference images {f64['images']:.1e}, "
-                      f"gradients {f64['last_grads']:.1e}, meta-updated generator {f64['generator']:.1e}. "
+                      f"gradients {f64['last_grads']:.1e}, meta-updated generator {f64['generator']:.1e}{vtxt}. "
                       "float32 differences above that: the two code paths round differently (~1e-7), which flips "
                       "near-tied max-pool winners, ReLU kinks and L_adv's argmax-agreement mask; the gradient "
                       "of a piecewise-linear teacher changes discontinuously there and Adam carries it on. "
@@ -323,8 +328,14 @@ def _plot_batched(sec: dict, path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     Ts = [r["T"] for r in rows]
     xs = range(len(Ts))
-    ax.bar([x - 0.2 for x in xs], [r["sequential_s"] for r in rows], width=0.4, label="sequential loop")
-    ax.bar([x + 0.2 for x in xs], [r["batched_s"] for r in rows], width=0.4, label="batched (vmap)")
+    has_vmap = all("vmap_s" in r for r in rows)
+    w = 0.27 if has_vmap else 0.4
+    off = (-w, 0.0, w) if has_vmap else (-w / 2, w / 2)
+    ax.bar([x + off[0] for x in xs], [r["sequential_s"] for r in rows], width=w, label="sequential loop")
+    ax.bar([x + off[1] for x in xs], [r["batched_s"] for r in rows], width=w,
+           label=f"batched ({sec.get('engine', 'vmap')})")
+    if has_vmap:
+        ax.bar([x + off[2] for x in xs], [r["vmap_s"] for r in rows], width=w, label="batched (vmap)")
     for x, r in zip(xs, rows):
         ax.text(x, max(r["sequential_s"], r["batched_s"]), f"{r['speedup']:.2f}x", ha="center", va="bottom",
                 fontsize=8)

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from free_dfml.server import grouped_nets
 from free_dfml.server.generator import Generator, to_teacher_input
 from free_dfml.server.meta_generator import (BNStatLoss, InversionResult, MetaGenerator, Params,
                                              Teacher, invert, roll_images, scratch_draws)
@@ -164,6 +165,95 @@ def _adam(params: Params, grads: Params, m: Params, v: Params, step: int, lrs: d
     return out
 
 
+ENGINES = ("auto", "grouped-conv", "vmap")
+
+
+class _VmapEngine:
+    """Any module: teachers, generator copies and the learner through ``vmap`` + ``functional_call``.
+    Images travel as ``[T, n, C, H, W]``."""
+
+    def __init__(self, teachers: Sequence[Teacher], generator: Generator, use_bn: bool,
+                 student: Student | None, student_model: nn.Module | None):
+        self.T = len(teachers)
+        self.stack = StackedTeachers(teachers, bn_hooks=use_bn)
+        self.gen_fn = vmap(lambda p, zz: functional_call(generator, p, (zz,)))
+        self.s_fn = None
+        if student_model is not None:
+            self.s_fn = _stacked_student(student_model, self.T)
+        elif student is not None:
+            self.s_fn = lambda x: torch.stack([student(x[i]) for i in range(self.T)])
+
+    def images(self, params: Params, z: torch.Tensor) -> torch.Tensor:
+        return self.gen_fn(params, z)
+
+    def roll(self, x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+        return vmap(roll_images)(x, shifts)
+
+    def teachers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.stack(x)
+
+    def student(self, x: torch.Tensor) -> torch.Tensor:
+        return self.s_fn(x)
+
+    def stacked(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def close(self) -> None:
+        self.stack.close()
+
+
+class _GroupedConvEngine:
+    """Conv4 teachers and the Generator as grouped convolutions (:mod:`~free_dfml.server.grouped_nets`):
+    no per-operator batching rules, no layout copies around each convolution. Images travel in the
+    grouped layout ``[n, T*C, H, W]``."""
+
+    def __init__(self, teachers: Sequence[Teacher], generator: Generator, use_bn: bool,
+                 student: Student | None, student_model: nn.Module | None):
+        self.T = len(teachers)
+        self.generator = generator
+        self.input_shape = tuple(teachers[0].input_shape)
+        self.base = teachers[0].model
+        params, buffers = stack_module_state([t.model for t in teachers])
+        self.params = {k: v.detach() for k, v in params.items()}
+        self.buffers = buffers
+        self.use_bn = use_bn
+        self.student_model = student_model
+        self.s_params = self.s_buffers = None
+        if student_model is not None:
+            self.s_params = {k: v.detach() for k, v in student_model.named_parameters()}
+            self.s_buffers = {k: v.detach() for k, v in student_model.named_buffers()}
+        self.opaque_student = student
+
+    @staticmethod
+    def usable(teachers: Sequence[Teacher], generator: Generator, student_model: nn.Module | None) -> bool:
+        return (grouped_nets.supports(generator) and grouped_nets.supports(teachers[0].model)
+                and (student_model is None or grouped_nets.supports(student_model)))
+
+    def images(self, params: Params, z: torch.Tensor) -> torch.Tensor:
+        return grouped_nets.generator(self.generator, params, z)
+
+    def roll(self, x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+        return grouped_nets.roll(x, self.T, shifts)
+
+    def teachers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = grouped_nets.teacher_input(x, self.T, self.input_shape)
+        logits, bn = grouped_nets.classifier(self.base, self.params, self.buffers, x, self.T, bn_loss=self.use_bn)
+        return logits, (bn if bn is not None else logits.new_zeros(self.T))
+
+    def student(self, x: torch.Tensor) -> torch.Tensor:
+        if self.student_model is None:
+            xs = grouped_nets.from_grouped(x, self.T)
+            return torch.stack([self.opaque_student(xs[i]) for i in range(self.T)])
+        return grouped_nets.classifier(self.student_model, self.s_params, self.s_buffers, x, self.T,
+                                       shared=True)[0]
+
+    def stacked(self, x: torch.Tensor) -> torch.Tensor:
+        return grouped_nets.from_grouped(x, self.T)
+
+    def close(self) -> None:
+        pass
+
+
 def invert_stacked(teachers: Sequence[Teacher], generator: Generator, generator_params: Sequence[Params],
                    z: Sequence[torch.Tensor], y: torch.Tensor, *, steps: int, lr: float = 1e-3,
                    z_lr: float = 1e-3, betas: tuple[float, float] = (0.5, 0.999),
@@ -171,14 +261,20 @@ def invert_stacked(teachers: Sequence[Teacher], generator: Generator, generator_
                    student_model: nn.Module | None = None,
                    subsets: Sequence[Sequence[int] | None] | None = None,
                    lambda_bn: float = 0.0,
-                   shifts: Sequence[torch.Tensor] | None = None) -> list[InversionResult]:
+                   shifts: Sequence[torch.Tensor] | None = None,
+                   engine: str = "auto") -> list[InversionResult]:
     """:func:`~free_dfml.server.meta_generator.invert` for T same-structure teachers at once.
 
     ``generator_params[t]`` / ``z[t]`` / ``shifts[t]`` are teacher t's starting parameters, latents
-    and jitter shifts (shared targets ``y``). The adversarial term uses ``student_model`` (vmapped)
-    when given, else the ``student`` callable per teacher. Returns one result per teacher, in order."""
+    and jitter shifts (shared targets ``y``). The adversarial term uses ``student_model`` (batched)
+    when given, else the ``student`` callable per teacher. ``engine``: ``"grouped-conv"`` runs the
+    networks as grouped convolutions (Conv4 teachers and learner, the Generator), ``"vmap"`` any
+    module through ``torch.func.vmap``; ``"auto"`` takes the first where it applies. Returns one
+    result per teacher, in order."""
     if steps < 1:
         raise ValueError("inversion needs at least one step")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     T = len(teachers)
     if not (T == len(generator_params) == len(z)):
         raise ValueError("one generator parameter set and one latent batch per teacher")
@@ -191,18 +287,17 @@ def invert_stacked(teachers: Sequence[Teacher], generator: Generator, generator_
         if len(shifts) != T or any(tuple(s.shape) != (steps, 2) for s in shifts):
             raise ValueError(f"shifts must be one [{steps}, 2] tensor per teacher")
         shift_t = torch.stack(list(shifts))
-    stack = StackedTeachers(teachers, bn_hooks=use_bn)
+    use_adv = lambda_adv > 0 and (student is not None or student_model is not None)
+    grouped_ok = _GroupedConvEngine.usable(teachers, generator, student_model if use_adv else None)
+    if engine == "grouped-conv" and not grouped_ok:
+        raise ValueError("the grouped-conv engine runs Conv4 teachers and learners and the Generator only")
+    kind = _GroupedConvEngine if engine == "grouped-conv" or (engine == "auto" and grouped_ok) else _VmapEngine
+    eng = kind(teachers, generator, use_bn, student if use_adv else None, student_model if use_adv else None)
     names = list(generator_params[0])
     params = {k: torch.stack([p[k].detach() for p in generator_params]).clone().requires_grad_(True)
               for k in names}
     zs = torch.stack([zz.detach() for zz in z]).clone().requires_grad_(True)
     lrs = {**{k: lr for k in names}, "__z__": z_lr}
-    use_adv = lambda_adv > 0 and (student is not None or student_model is not None)
-    s_fn = None
-    if use_adv:
-        s_fn = _stacked_student(student_model, T) if student_model is not None else \
-            (lambda x: torch.stack([student(x[i]) for i in range(T)]))
-    gen_fn = vmap(lambda p, zz: functional_call(generator, p, (zz,)))
     m: Params = {}
     v: Params = {}
     last: Params = {}
@@ -210,10 +305,10 @@ def invert_stacked(teachers: Sequence[Teacher], generator: Generator, generator_
     try:
         with torch.enable_grad():
             for step in range(1, steps + 1):
-                x = gen_fn(params, zs)
+                x = eng.images(params, zs)
                 if shift_t is not None:
-                    x = vmap(roll_images)(x, shift_t[:, step - 1])
-                t_logits, bn = stack(x)
+                    x = eng.roll(x, shift_t[:, step - 1])
+                t_logits, bn = eng.teachers(x)
                 ce = F.cross_entropy(t_logits.flatten(0, 1), y.repeat(T), reduction="none").view(T, -1).mean(1)
                 loss = ce
                 parts = {"ce": ce.detach()}
@@ -221,7 +316,7 @@ def invert_stacked(teachers: Sequence[Teacher], generator: Generator, generator_
                     loss = loss + lambda_bn * bn
                     parts["bn"] = bn.detach()
                 if use_adv:
-                    s_logits = s_fn(x)
+                    s_logits = eng.student(x)
                     idx, keep, s_len = _subset_tensors(subsets, teachers[0].num_classes,
                                                        s_logits.shape[-1], y)
                     adv = adversarial_losses(t_logits, s_logits, idx, keep, s_len)
@@ -237,11 +332,12 @@ def invert_stacked(teachers: Sequence[Teacher], generator: Generator, generator_
                 for i in range(T):
                     history[i].append({k: float(vals[i]) for k, vals in cpu_parts.items()})
         with torch.no_grad():
-            images = gen_fn(params, zs)
-            t_logits, _ = stack(images)
+            x = eng.images(params, zs)
+            t_logits, _ = eng.teachers(x)
+            images = eng.stacked(x)
             final = F.cross_entropy(t_logits.flatten(0, 1), y.repeat(T), reduction="none").view(T, -1).mean(1)
     finally:
-        stack.close()
+        eng.close()
     final_l = final.cpu().tolist()
     return [InversionResult({k: params[k][i].detach() for k in names}, zs[i].detach(), images[i].detach(),
                             y.detach(), {k: last[k][i] for k in names}, history[i], float(final_l[i]))
@@ -251,9 +347,11 @@ def invert_stacked(teachers: Sequence[Teacher], generator: Generator, generator_
 def invert_grouped(teachers: Sequence[Teacher], generator: Generator, generator_params: Sequence[Params],
                    z: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], *, max_batch: int | None = None,
                    subsets: Sequence[Sequence[int] | None] | None = None, lambda_bn: float = 0.0,
-                   shifts: Sequence[torch.Tensor | None] | None = None, **kw) -> list[InversionResult]:
-    """Any mix of teachers: stacked per structure group (chunks of ``max_batch``), a lone teacher via
-    the plain :func:`invert`. Results in the teachers' order."""
+                   shifts: Sequence[torch.Tensor | None] | None = None, engine: str = "auto",
+                   **kw) -> list[InversionResult]:
+    """Any mix of teachers: stacked per structure group (chunks of ``max_batch``, through
+    ``engine``, see :func:`invert_stacked`), a lone teacher via the plain :func:`invert`. Results in
+    the teachers' order."""
     subsets = [None] * len(teachers) if subsets is None else list(subsets)
     shifts = [None] * len(teachers) if shifts is None else list(shifts)
     if any(s is None for s in shifts) and any(s is not None for s in shifts):
@@ -277,7 +375,7 @@ def invert_grouped(teachers: Sequence[Teacher], generator: Generator, generator_
                                  [generator_params[i] for i in chunk], [z[i] for i in chunk], ys[chunk[0]],
                                  subsets=[subsets[i] for i in chunk], lambda_bn=lambda_bn,
                                  shifts=None if shifts[0] is None else [shifts[i] for i in chunk],
-                                 student=student, student_model=student_model, **kw)
+                                 student=student, student_model=student_model, engine=engine, **kw)
             for i, r in zip(chunk, res):
                 out[i] = r
     return out  # type: ignore[return-value]
@@ -295,7 +393,7 @@ def _single_student(model: nn.Module) -> Student:
 def five_step(metagen: MetaGenerator, teachers: Sequence[Teacher], *, lambda_adv: float = 0.0,
               student: Student | None = None, student_model: nn.Module | None = None,
               subsets: Sequence[Sequence[int] | None] | None = None,
-              max_batch: int | None = None) -> list[InversionResult]:
+              max_batch: int | None = None, engine: str = "auto") -> list[InversionResult]:
     """:meth:`MetaGenerator.step` with the inner loops batched: same latents (same RNG order), same
     FOMAML meta-update (gradients summed in teacher order), same results to float tolerance."""
     if not teachers:
@@ -306,7 +404,7 @@ def five_step(metagen: MetaGenerator, teachers: Sequence[Teacher], *, lambda_adv
                              steps=metagen.inner_steps, lr=metagen.inner_lr, z_lr=metagen.z_lr,
                              betas=metagen.betas, lambda_adv=lambda_adv, student=student,
                              student_model=student_model, subsets=subsets,
-                             lambda_bn=metagen.lambda_bn, shifts=shifts, max_batch=max_batch)
+                             lambda_bn=metagen.lambda_bn, shifts=shifts, max_batch=max_batch, engine=engine)
     metagen.optimizer.zero_grad(set_to_none=True)
     for name, p in metagen.generator.named_parameters():
         p.grad = torch.stack([r.last_grads[name] for r in results]).sum(0)
@@ -320,7 +418,8 @@ def scratch_inversions(teachers: Sequence[Teacher], *, nz: int, ngf: int, image_
                        lambda_adv: float = 0.0, student: Student | None = None,
                        student_model: nn.Module | None = None,
                        subsets: Sequence[Sequence[int] | None] | None = None, lambda_bn: float = 0.0,
-                       jitter: int = 0, max_batch: int | None = None) -> list[InversionResult]:
+                       jitter: int = 0, max_batch: int | None = None, engine: str = "auto"
+                       ) -> list[InversionResult]:
     """``[invert_from_scratch(t, ...) for t in teachers]`` (the trainer's scratch branch), batched:
     fresh generators and latents drawn from ``rng`` in the same order, inner loops stacked."""
     gens, ys, zs, shifts = [], [], [], []
@@ -334,7 +433,8 @@ def scratch_inversions(teachers: Sequence[Teacher], *, nz: int, ngf: int, image_
     skeleton = Generator(nz=nz, ngf=ngf, image_size=image_size, channels=channels).to(device)
     return invert_grouped(teachers, skeleton, gens, zs, ys, steps=steps, lr=lr, z_lr=z_lr, betas=betas,
                           lambda_adv=lambda_adv, student=student, student_model=student_model,
-                          subsets=subsets, lambda_bn=lambda_bn, shifts=shifts, max_batch=max_batch)
+                          subsets=subsets, lambda_bn=lambda_bn, shifts=shifts, max_batch=max_batch,
+                          engine=engine)
 
 
 # ------------------------------------------------------------------------------ trainer hook
