@@ -32,23 +32,29 @@ def float64():
         torch.set_default_dtype(old)
 
 
-def _teacher(seed: int, *, arch: str = "conv4", num_classes: int = 5, width: int = 8, size: int = 32) -> Teacher:
+def _teacher(seed: int, *, arch: str = "conv4", num_classes: int = 5, width: int = 8, size: int = 32,
+             channels: int = 3, norm: str = "bn") -> Teacher:
     torch.manual_seed(seed)
-    net = build_model(arch, num_classes=num_classes, image_size=size, width=width)
+    net = build_model(arch, num_classes=num_classes, image_size=size, width=width, in_channels=channels, norm=norm)
     for m in net.modules():        # non-trivial BN statistics, so the BN term and eval-mode BN matter
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.2, 0.2)
             m.running_var.uniform_(0.5, 1.5)
-    model = Normalized(net, (0.5, 0.4, 0.3), (0.25, 0.3, 0.2)).eval()
+    model = Normalized(net, (0.5, 0.4, 0.3)[:channels], (0.25, 0.3, 0.2)[:channels]).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return Teacher(model, (3, size, size), num_classes, f"m{seed}")
+    return Teacher(model, (channels, size, size), num_classes, f"m{seed}")
 
 
 def _zoo():
-    """Three same-structure Conv4s (stacked), a ResNet-10, a 7-class and a 40-px Conv4 (their own groups)."""
+    """Same-structure teachers stacked in groups: three Conv4s, two ResNet-10s (the vmap engine under
+    "auto"), two 40-px Conv4s (resized input), two grey Conv4s (channel mapping), two GroupNorm Conv4s
+    (DP-style, no BN term); and alone (the plain loop): a 7-class Conv4."""
     return ([_teacher(i) for i in range(3)] + [_teacher(9, arch="resnet10", width=4)]
-            + [_teacher(11, num_classes=7), _teacher(12, size=40), _teacher(13)])
+            + [_teacher(11, num_classes=7), _teacher(12, size=40), _teacher(13),
+               _teacher(14, arch="resnet10", width=4), _teacher(15, size=40),
+               _teacher(16, channels=1), _teacher(17, channels=1),
+               _teacher(18, norm="gn"), _teacher(19, norm="gn")])
 
 
 def _close(a, b, tol):
@@ -68,31 +74,60 @@ def _close(a, b, tol):
                 assert abs(p[k] - q[k]) < tol
 
 
-@pytest.mark.parametrize("lambda_bn,jitter", [(0.0, 0), (0.1, 0), (0.1, 3)])
-def test_batched_five_step_equals_sequential(float64, lambda_bn, jitter):
+@pytest.mark.parametrize("lambda_bn,jitter,engine", [(0.0, 0, "auto"), (0.1, 0, "auto"), (0.1, 3, "auto"),
+                                                     (0.1, 3, "vmap")])
+def test_batched_five_step_equals_sequential(float64, lambda_bn, jitter, engine, monkeypatch):
     teachers = _zoo()
     learner = build_learner(5, width=8, rng=torch.Generator().manual_seed(3))
     meta = MetaLearner(learner)
-    subsets = [None, None, None, None, [0, 2, 3, 5, 6], None, None]
-    assert sorted(map(len, bi.group_teachers(teachers))) == [1, 1, 1, 4]
+    subsets = [None, None, None, None, [0, 2, 3, 5, 6], None, None, None, None, None, None, None, None]
+    assert sorted(map(len, bi.group_teachers(teachers, lambda_bn))) == [1, 2, 2, 2, 2, 4]
+    used = []                                    # which engine ran each stacked group
+    for kind in (bi._GroupedConvEngine, bi._VmapEngine):
+        monkeypatch.setattr(kind, "images", lambda self, p, z, _f=kind.images: used.append(type(self)) or _f(self, p, z))
     seq, bat = (MetaGenerator(nz=16, ngf=8, samples_per_class=3, inner_steps=3, lambda_bn=lambda_bn,
                               jitter=jitter, rng=torch.Generator().manual_seed(1)) for _ in range(2))
     for it in range(2):   # two FIVE steps: the meta-update and the RNG streams stay in lockstep
         adv = 0.0 if it == 0 else 1.0
         a = seq.step(teachers, lambda_adv=adv, student=meta.student(), subsets=subsets)
-        b = bi.five_step(bat, teachers, lambda_adv=adv, student_model=learner, subsets=subsets)
+        b = bi.five_step(bat, teachers, lambda_adv=adv, student_model=learner, subsets=subsets, engine=engine)
         _close(a, b, 1e-9)
         for p, q in zip(seq.generator.parameters(), bat.generator.parameters()):
             assert torch.allclose(p, q, atol=1e-9, rtol=0)
+    # auto: the four Conv4 groups as grouped convolutions, the ResNet pair through vmap
+    assert set(used) == ({bi._GroupedConvEngine, bi._VmapEngine} if engine == "auto" else {bi._VmapEngine})
     # the opaque student callable (per-teacher fallback) gives the same too
-    c = bi.five_step(bat, teachers, lambda_adv=1.0, student=meta.student(), subsets=subsets)
+    c = bi.five_step(bat, teachers, lambda_adv=1.0, student=meta.student(), subsets=subsets, engine=engine)
     d = seq.step(teachers, lambda_adv=1.0, student=meta.student(), subsets=subsets)
     _close(d, c, 1e-9)
 
 
+def test_grouped_conv_engine_takes_conv4_and_generator_only(float64):
+    from free_dfml.server import grouped_nets
+    from free_dfml.server.generator import Generator
+
+    assert grouped_nets.supports(Generator(nz=8, ngf=4))
+    assert grouped_nets.supports(_teacher(0).model) and grouped_nets.supports(_teacher(0, norm="gn").model.model)
+    assert not grouped_nets.supports(_teacher(1, arch="resnet10", width=4).model)
+    resnets = [_teacher(i, arch="resnet10", width=4) for i in (1, 2)]
+    mg = MetaGenerator(nz=16, ngf=8, samples_per_class=2, inner_steps=1, rng=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="grouped-conv engine runs Conv4"):
+        bi.five_step(mg, resnets, engine="grouped-conv")
+    with pytest.raises(ValueError, match="engine must be one of"):
+        bi.five_step(mg, resnets, engine="fast")
+    # the layout helpers invert each other, and roll() shifts each network's images by its own offset
+    x = torch.randn(3, 2, 4, 5, 6)
+    g = grouped_nets.to_grouped(x)
+    assert g.shape == (2, 12, 5, 6) and torch.equal(grouped_nets.from_grouped(g, 3), x)
+    shifts = torch.tensor([[0, 0], [1, -2], [4, 3]])
+    rolled = grouped_nets.from_grouped(grouped_nets.roll(g, 3, shifts), 3)
+    for t in range(3):
+        assert torch.equal(rolled[t], torch.roll(x[t], tuple(shifts[t].tolist()), dims=(-2, -1)))
+
+
 @pytest.mark.parametrize("jitter", [0, 2])
 def test_batched_scratch_equals_sequential(float64, jitter):
-    teachers = _zoo()[:4]
+    teachers = _zoo()[:5]
     kw = dict(nz=16, ngf=8, image_size=32, channels=3, steps=4, per_class=2, jitter=jitter)
     g = torch.Generator().manual_seed(5)
     a = [invert_from_scratch(t, rng=g, **kw) for t in teachers]
