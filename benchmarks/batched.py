@@ -73,7 +73,6 @@ def batched_config(p):
 
 
 def run(ctx: Ctx, deps: dict) -> dict:
-    from free_dfml.server.batched_inversion import five_step
     from free_dfml.server.meta_learner import MetaLearner, build_learner
 
     p = ctx.preset
@@ -92,10 +91,7 @@ def run(ctx: Ctx, deps: dict) -> dict:
             torch.cuda.reset_peak_memory_stats()     # the peak below is this T's alone
         teachers = _teachers(T, p.batched_width, cfg, device, p.seed)
         seq_mg, bat_mg, vmap_mg = make_mg(), make_mg(), make_mg()
-        steps = {"seq": lambda: seq_mg.step(teachers, lambda_adv=1.0, student=student()),
-                 "bat": lambda: five_step(bat_mg, teachers, lambda_adv=1.0, student_model=learner),
-                 "vmap": lambda: five_step(vmap_mg, teachers, lambda_adv=1.0, student_model=learner,
-                                           engine="vmap")}
+        steps = _steps(seq_mg, bat_mg, vmap_mg, teachers, student, learner)
         # step 0, from identical states: the comparison (and the warm-up for this T's shapes)
         a, b = steps["seq"](), steps["bat"]()
         diff = _diff(a, b, seq_mg.generator, bat_mg.generator)
@@ -124,13 +120,21 @@ def run(ctx: Ctx, deps: dict) -> dict:
         del teachers, seq_mg, bat_mg, vmap_mg, steps
     f64 = {e: _float64_check(p, cfg, device, e) for e in ("auto", "vmap")}
     return {"rows": rows, "float64_max_abs_diff": f64["auto"], "float64_max_abs_diff_vmap": f64["vmap"],
-            "engine": batched_engine(cfg, p, device),
+            "engine": batched_engine(cfg, p),
             "device": str(device), "teacher": f"conv4 width {p.batched_width}",
             "images_per_teacher": cfg.way * cfg.samples_per_class, "inner_steps": cfg.inner_steps,
             "generator": {"nz": cfg.nz, "ngf": cfg.ngf}, "threads": torch.get_num_threads()}
 
 
-def batched_engine(cfg, p, device) -> str:
+def _steps(seq_mg, bat_mg, vmap_mg, teachers, student, learner) -> dict:
+    """One FIVE step each: the loop, ``five_step`` with its default engine, and with ``vmap``."""
+    from free_dfml.server.batched_inversion import five_step
+    return {"seq": lambda: seq_mg.step(teachers, lambda_adv=1.0, student=student()),
+            "bat": lambda: five_step(bat_mg, teachers, lambda_adv=1.0, student_model=learner),
+            "vmap": lambda: five_step(vmap_mg, teachers, lambda_adv=1.0, student_model=learner, engine="vmap")}
+
+
+def batched_engine(cfg, p) -> str:
     """The engine ``five_step``'s default ("auto") picks for this section's teachers and learner."""
     from free_dfml.server import grouped_nets
     from free_dfml.server.generator import Generator

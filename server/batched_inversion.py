@@ -3,24 +3,31 @@
 :func:`free_dfml.server.meta_generator.invert` adapts a generator copy to ONE teacher; a FIVE step
 (:meth:`MetaGenerator.step`) and the ``scratch`` baseline call it in a Python loop over the T
 teachers. Here teachers that share a structure (architecture, widths, input shape, class count, BN
-capability) are processed together:
+capability) are processed together, through one of two engines (``engine=``; ``"auto"`` takes the
+first that applies):
 
-* the teachers' weights and buffers (BatchNorm running statistics, input normalisation) are
-  stacked with :func:`torch.func.stack_module_state` and called through ``vmap`` +
-  ``functional_call`` (eval mode: nothing is written in place);
-* the T generator copies ``phi_t`` are stacked along a new leading dimension and called the same
-  way. The generator's BatchNorm layers keep no running statistics (``track_running_stats=False``),
-  so under ``vmap`` each copy normalises with its own teacher's batch statistics, exactly as in the
-  loop; the latents ``z`` are stacked ``[T, n, nz]``;
+* ``grouped-conv`` (:mod:`~free_dfml.server.grouped_nets`): Conv4 teachers, a Conv4 meta-learner and
+  the :class:`~free_dfml.server.generator.Generator` run as grouped convolutions on images laid out
+  ``[n, T*C, H, W]``, with no per-operator batching rules and no layout copies around each layer;
+* ``vmap``: any module. The teachers' weights and buffers (BatchNorm running statistics, input
+  normalisation) are stacked with :func:`torch.func.stack_module_state` and called through
+  ``vmap`` + ``functional_call`` (eval mode: nothing is written in place), the T generator copies
+  ``phi_t`` the same way, and the meta-learner with per-teacher cloned buffers (BatchNorm in train
+  mode, so running statistics never leak between teachers).
+
+In both:
+
+* the generator's BatchNorm layers keep no running statistics (``track_running_stats=False``), so
+  each copy normalises with its own teacher's batch statistics, exactly as in the loop; the latents
+  ``z`` are stacked ``[T, n, nz]``;
 * one backward pass of the SUM of the per-teacher losses gives every teacher's gradient (the
   teachers share nothing), and Adam runs on the stacked tensors: Adam is elementwise and all copies
   share the step count, so this is T independent Adams, with the arithmetic of
   :func:`~free_dfml.server.meta_generator.adam_update`;
-* the adversarial term uses the meta-learner: vmapped too when its module is given (BatchNorm in
-  train mode gets per-teacher cloned buffers, so running statistics never leak between teachers),
-  else the opaque ``student`` callable is applied per teacher;
+* the adversarial term uses the meta-learner's module when given, else the opaque ``student``
+  callable per teacher;
 * the data-dependent masking of :func:`~free_dfml.server.meta_generator.restrict` is written as
-  per-teacher gather indices and 0/1 weights (same value, fixed shapes), so it vmaps.
+  per-teacher gather indices and 0/1 weights (same value, fixed shapes).
 
 Random numbers are drawn in the same order as the sequential code, so :func:`five_step` /
 :func:`scratch_inversions` return the same :class:`InversionResult` objects as
