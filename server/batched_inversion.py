@@ -180,15 +180,11 @@ class _VmapEngine:
     Images travel as ``[T, n, C, H, W]``."""
 
     def __init__(self, teachers: Sequence[Teacher], generator: Generator, use_bn: bool,
-                 student: Student | None, student_model: nn.Module | None):
+                 student_model: nn.Module | None):
         self.T = len(teachers)
         self.stack = StackedTeachers(teachers, bn_hooks=use_bn)
         self.gen_fn = vmap(lambda p, zz: functional_call(generator, p, (zz,)))
-        self.s_fn = None
-        if student_model is not None:
-            self.s_fn = _stacked_student(student_model, self.T)
-        elif student is not None:
-            self.s_fn = lambda x: torch.stack([student(x[i]) for i in range(self.T)])
+        self.s_fn = None if student_model is None else _stacked_student(student_model, self.T)
 
     def images(self, params: Params, z: torch.Tensor) -> torch.Tensor:
         return self.gen_fn(params, z)
@@ -200,6 +196,7 @@ class _VmapEngine:
         return self.stack(x)
 
     def student(self, x: torch.Tensor) -> torch.Tensor:
+        """The meta-learner module's logits ``[T, n, way]`` on each teacher's images."""
         return self.s_fn(x)
 
     def stacked(self, x: torch.Tensor) -> torch.Tensor:
@@ -215,7 +212,7 @@ class _GroupedConvEngine:
     grouped layout ``[n, T*C, H, W]``."""
 
     def __init__(self, teachers: Sequence[Teacher], generator: Generator, use_bn: bool,
-                 student: Student | None, student_model: nn.Module | None):
+                 student_model: nn.Module | None):
         self.T = len(teachers)
         self.generator = generator
         self.input_shape = tuple(teachers[0].input_shape)
@@ -229,7 +226,6 @@ class _GroupedConvEngine:
         if student_model is not None:
             self.s_params = {k: v.detach() for k, v in student_model.named_parameters()}
             self.s_buffers = {k: v.detach() for k, v in student_model.named_buffers()}
-        self.opaque_student = student
 
     @staticmethod
     def usable(teachers: Sequence[Teacher], generator: Generator, student_model: nn.Module | None) -> bool:
@@ -248,9 +244,6 @@ class _GroupedConvEngine:
         return logits, (bn if bn is not None else logits.new_zeros(self.T))
 
     def student(self, x: torch.Tensor) -> torch.Tensor:
-        if self.student_model is None:
-            xs = grouped_nets.from_grouped(x, self.T)
-            return torch.stack([self.opaque_student(xs[i]) for i in range(self.T)])
         return grouped_nets.classifier(self.student_model, self.s_params, self.s_buffers, x, self.T,
                                        shared=True)[0]
 
@@ -299,7 +292,7 @@ def invert_stacked(teachers: Sequence[Teacher], generator: Generator, generator_
     if engine == "grouped-conv" and not grouped_ok:
         raise ValueError("the grouped-conv engine runs Conv4 teachers and learners and the Generator only")
     kind = _GroupedConvEngine if engine == "grouped-conv" or (engine == "auto" and grouped_ok) else _VmapEngine
-    eng = kind(teachers, generator, use_bn, student if use_adv else None, student_model if use_adv else None)
+    eng = kind(teachers, generator, use_bn, student_model if use_adv else None)
     names = list(generator_params[0])
     params = {k: torch.stack([p[k].detach() for p in generator_params]).clone().requires_grad_(True)
               for k in names}
@@ -323,7 +316,11 @@ def invert_stacked(teachers: Sequence[Teacher], generator: Generator, generator_
                     loss = loss + lambda_bn * bn
                     parts["bn"] = bn.detach()
                 if use_adv:
-                    s_logits = eng.student(x)
+                    if student_model is not None:
+                        s_logits = eng.student(x)
+                    else:                     # an opaque callable: one teacher's images at a time
+                        xs = eng.stacked(x)
+                        s_logits = torch.stack([student(xs[i]) for i in range(T)])
                     idx, keep, s_len = _subset_tensors(subsets, teachers[0].num_classes,
                                                        s_logits.shape[-1], y)
                     adv = adversarial_losses(t_logits, s_logits, idx, keep, s_len)
