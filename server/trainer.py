@@ -60,10 +60,11 @@ class FreeConfig:
     warmup: int = 20
     inversion: str = "five"             # "five" | "scratch"
     scratch_steps: int = 200
-    # vmap same-architecture teachers through one FIVE step (server/batched_inversion.py): the same
-    # results to float rounding. "auto": on for CUDA, off for CPU. Measured on an H200, one FIVE
-    # step against the loop: 1.4-1.7x at T = 4 (the default teachers_per_iter), 2.6-3.2x at T = 16
-    # with paper sizes, 6.5-7.1x with the quick sizes. On CPU it ran at 0.55x (T = 4) to 0.23x (T = 64)
+    # batch same-architecture teachers through one FIVE step (server/batched_inversion.py: grouped
+    # convolutions for Conv4 teachers, else vmap): the same results to float rounding. "auto": on for
+    # CUDA, off for CPU. Measured on an H200 with the vmap engine, one FIVE step against the loop:
+    # 1.4-1.7x at T = 4 (the default teachers_per_iter), 2.6-3.2x at T = 16 with paper sizes, 6.5-7.1x
+    # with the quick sizes. On CPU, grouped convolutions: 1.05x (T = 4) to 0.37x (T = 64)
     batched_inversion: bool | str = "auto"      # True | False | "auto"
     # BELL
     align: bool = True
