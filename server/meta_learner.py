@@ -100,7 +100,7 @@ class MetaLearner:
                  replay_steps: int = 5, meta_batch: int = 10, replay_shot: int = 1,
                  replay_query: int = 15, outer_lr: float = 1e-3, second_order: bool = False,
                  patience: int = 10, max_batches: int = 100, augment: str = "none",
-                 bell_lr: float = 1e-3,
+                 bell_lr: float = 1e-4,
                  bell_optimizer: str = "adam", beta: float = 0.5, bell_head: bool = True,
                  device: torch.device | str = "cpu"):
         if bell_optimizer not in ("adam", "sgd"):
