@@ -1,8 +1,6 @@
 #!/usr/bin/env bash
-# The GPU measurements of docs/benchmarks.md, as one short script for a borrowed GPU machine whose
-# python3 already has torch (and numpy, safetensors, matplotlib, fontTools) but not this project
-# installed: the three source folders are put on the path as the free_dfml namespace package, which
-# is what `pip install .` maps them to. Nothing here needs flwr or opacus.
+# The GPU measurements of docs/benchmarks.md, as one short script for a borrowed GPU machine where
+# the project is not installed (gpu_env.sh puts it on the path). Nothing here needs flwr or opacus.
 #
 #   bash benchmarks/gpu_check.sh OUTDIR
 #
@@ -14,18 +12,7 @@
 set -u
 out=${1:?usage: gpu_check.sh OUTDIR}
 mkdir -p "$out"
-repo=$(cd "$(dirname "$0")/.." && pwd)
-shim=$(mktemp -d)
-mkdir -p "$shim/free_dfml"
-for p in common client server; do ln -s "$repo/$p" "$shim/free_dfml/$p"; done
-export PYTHONPATH="$shim:$repo" PYTHONUNBUFFERED=1 FREE_DFML_CACHE="${FREE_DFML_CACHE:-$(mktemp -d)}"
-py=${PYTHON:-python3}
-dev=${DEVICE:-cuda}   # DEVICE=cpu: a dry run of the plumbing on a machine without a GPU
-cd "$repo"
-if [ "$dev" = cuda ]; then
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-    $py -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))" || exit 1
-fi
+source "$(dirname "$0")/gpu_env.sh"
 
 work=$(mktemp -d)
 step() {   # name, seconds, preset, args...

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The batched-inversion engines on a borrowed GPU machine, as one short script (see gpu_check.sh for
-# the path shim: the machine's python3 has torch but not this project installed).
+# The batched-inversion engines on a borrowed GPU machine, as one short script (gpu_env.sh puts the
+# project, not installed there, on the path).
 #
 #   bash benchmarks/gpu_engines.sh OUTDIR
 #
@@ -11,18 +11,7 @@
 set -u
 out=${1:?usage: gpu_engines.sh OUTDIR}
 mkdir -p "$out"
-repo=$(cd "$(dirname "$0")/.." && pwd)
-shim=$(mktemp -d)
-mkdir -p "$shim/free_dfml"
-for p in common client server; do ln -s "$repo/$p" "$shim/free_dfml/$p"; done
-export PYTHONPATH="$shim:$repo" PYTHONUNBUFFERED=1 FREE_DFML_CACHE="${FREE_DFML_CACHE:-$(mktemp -d)}"
-py=${PYTHON:-python3}
-dev=${DEVICE:-cuda}
-cd "$repo"
-if [ "$dev" = cuda ]; then
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-    $py -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))" || exit 1
-fi
+source "$(dirname "$0")/gpu_env.sh"
 work=$(mktemp -d)
 bench() {   # name, seconds, preset
     local t0=$SECONDS
