@@ -7,7 +7,7 @@
 # 1. the harness's batched section at the full preset's sizes (sequential loop, grouped-conv engine,
 #    vmap engine, interleaved in one process; T = 4, 16, 64; float64 agreement on cuda);
 # 2. the same at the quick preset's sizes;
-# 3. torch.profiler tables and TF32 / channels-last timings at the full sizes, T = 16.
+# 3. torch.profiler tables and TF32 / channels-last / bf16-autocast timings at the full sizes, T = 16.
 set -u
 out=${1:?usage: gpu_engines.sh OUTDIR}
 mkdir -p "$out"

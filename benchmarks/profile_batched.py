@@ -1,7 +1,8 @@
 """Profile one FIVE step, the sequential loop against the batched step (its two engines,
 grouped-conv and vmap), with torch.profiler; then time them with cuDNN's TF32 off and on, with TF32
-matmuls too, and the grouped-conv engine with channels-last activations on the GPU. Not part of the
-harness: it explains the batched section's GPU figures (benchmarks/results/gpu-h200/).
+matmuls too, the grouped-conv engine with channels-last activations on the GPU, and all three under
+bf16 autocast. Not part of the harness: it explains the batched section's GPU figures
+(benchmarks/results/gpu-h200/).
 
     python -m benchmarks.profile_batched [DEVICE [PRESET [T]]]     (defaults: cuda full 16)
 """
@@ -76,6 +77,14 @@ def main(device: str = "cuda", preset: str = "full", T: int = 16) -> None:
             print(f"channels-last grouped layout, {name}: {_seconds(steps[name], dev, repeats=3):.3f} s")
     finally:
         grouped_nets.cpu_layout = plain
+    # bf16 autocast (convolutions and matmuls in bfloat16, parameters, Adam and losses in float32):
+    # other numerics than the float32 results the tests pin, so timing only, loop and batched alike
+    for name, fn in steps.items():
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                print(f"bf16 autocast, {name}: {_seconds(fn, dev, repeats=3):.3f} s")
+        except RuntimeError as e:                       # report and go on: this is a probe
+            print(f"bf16 autocast, {name}: failed: {str(e).splitlines()[0]}")
 
 
 if __name__ == "__main__":
