@@ -1,14 +1,15 @@
 """Batched multi-teacher inversion (``server/batched_inversion.py``) against the sequential loop.
 
 For T same-architecture teachers (random-init Conv4 of ``batched_width``; timing does not depend on
-what the weights are), two meta-generators start from the same seed; one runs
-``MetaGenerator.step`` (a Python loop over teachers), the other
-``batched_inversion.five_step`` (vmap over stacked teachers and generator copies), on the same
-teachers, with the adversarial term against a meta-learner as in training. The first step, from
+what the weights are), three meta-generators start from the same seed; one runs
+``MetaGenerator.step`` (a Python loop over teachers), one ``batched_inversion.five_step`` with its
+default engine (grouped convolutions for these Conv4s), one ``five_step`` with the ``vmap`` engine,
+on the same teachers, with the adversarial term against a meta-learner as in training. The first step, from
 identical states, is compared (largest absolute difference of the recovered images, of the
 last-step gradients and of the meta-updated generator); the next ``batched_repeats`` steps are
-timed (median). The same comparison is repeated in float64 for 4 teachers.
-The speed-up is sequential time / batched time, measured in the same process, same run.
+timed (median), the three interleaved. The same comparison is repeated in float64 for 4 teachers,
+with each engine. The speed-up is sequential time / batched time, measured in the same process,
+same run.
 
 In float64 the two agree to ~1e-13 (here and in tests/test_benchmarks.py). In float32 the
 batched kernels round differently (~1e-7 on the images), and that is enough to flip the teacher's
@@ -73,6 +74,7 @@ def batched_config(p):
 
 
 def run(ctx: Ctx, deps: dict) -> dict:
+    from free_dfml.server.batched_inversion import engine_for
     from free_dfml.server.meta_learner import MetaLearner, build_learner
 
     p = ctx.preset
@@ -85,7 +87,7 @@ def run(ctx: Ctx, deps: dict) -> dict:
     def make_mg():
         return metagenerator(cfg, p.seed + 1, device)
 
-    rows = []
+    rows, engine = [], None
     for T in p.batched_T:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()     # the peak below is this T's alone
@@ -95,6 +97,7 @@ def run(ctx: Ctx, deps: dict) -> dict:
         # step 0, from identical states: the comparison (and the warm-up for this T's shapes)
         a, b = steps["seq"](), steps["bat"]()
         diff = _diff(a, b, seq_mg.generator, bat_mg.generator)
+        engine = engine_for(teachers, bat_mg.generator, learner)
         del a, b
         steps["vmap"]()
         times: dict[str, list[float]] = {k: [] for k in steps}
@@ -120,7 +123,7 @@ def run(ctx: Ctx, deps: dict) -> dict:
         del teachers, seq_mg, bat_mg, vmap_mg, steps
     f64 = {e: _float64_check(p, cfg, device, e) for e in ("auto", "vmap")}
     return {"rows": rows, "float64_max_abs_diff": f64["auto"], "float64_max_abs_diff_vmap": f64["vmap"],
-            "engine": batched_engine(cfg, p),
+            "engine": engine,
             "device": str(device), "teacher": f"conv4 width {p.batched_width}",
             "images_per_teacher": cfg.way * cfg.samples_per_class, "inner_steps": cfg.inner_steps,
             "generator": {"nz": cfg.nz, "ngf": cfg.ngf}, "threads": torch.get_num_threads()}
@@ -132,18 +135,6 @@ def _steps(seq_mg, bat_mg, vmap_mg, teachers, student, learner) -> dict:
     return {"seq": lambda: seq_mg.step(teachers, lambda_adv=1.0, student=student()),
             "bat": lambda: five_step(bat_mg, teachers, lambda_adv=1.0, student_model=learner),
             "vmap": lambda: five_step(vmap_mg, teachers, lambda_adv=1.0, student_model=learner, engine="vmap")}
-
-
-def batched_engine(cfg, p) -> str:
-    """The engine ``five_step``'s default ("auto") picks for this section's teachers and learner."""
-    from free_dfml.server import grouped_nets
-    from free_dfml.server.generator import Generator
-    from free_dfml.server.meta_learner import build_learner
-    ok = (grouped_nets.supports(Generator(nz=cfg.nz, ngf=cfg.ngf, image_size=cfg.image_size, channels=cfg.channels))
-          and grouped_nets.supports(_teachers(1, p.batched_width, cfg, "cpu", 0)[0].model)
-          and grouped_nets.supports(build_learner(cfg.way, width=cfg.learner_width, image_size=cfg.image_size,
-                                                  channels=cfg.channels)))
-    return "grouped-conv" if ok else "vmap"
 
 
 def _float64_check(p, cfg, device, engine: str = "auto") -> dict:

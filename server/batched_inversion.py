@@ -254,6 +254,18 @@ class _GroupedConvEngine:
         pass
 
 
+def engine_for(teachers: Sequence[Teacher], generator: Generator, student_model: nn.Module | None = None,
+               engine: str = "auto") -> str:
+    """The engine :func:`invert_stacked` runs for these networks: ``"grouped-conv"`` or ``"vmap"``
+    (``engine="grouped-conv"`` where it does not apply is an error)."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    grouped_ok = _GroupedConvEngine.usable(teachers, generator, student_model)
+    if engine == "grouped-conv" and not grouped_ok:
+        raise ValueError("the grouped-conv engine runs Conv4 teachers and learners and the Generator only")
+    return "grouped-conv" if engine == "grouped-conv" or (engine == "auto" and grouped_ok) else "vmap"
+
+
 def invert_stacked(teachers: Sequence[Teacher], generator: Generator, generator_params: Sequence[Params],
                    z: Sequence[torch.Tensor], y: torch.Tensor, *, steps: int, lr: float = 1e-3,
                    z_lr: float = 1e-3, betas: tuple[float, float] = (0.5, 0.999),
@@ -273,8 +285,6 @@ def invert_stacked(teachers: Sequence[Teacher], generator: Generator, generator_
     result per teacher, in order."""
     if steps < 1:
         raise ValueError("inversion needs at least one step")
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     T = len(teachers)
     if not (T == len(generator_params) == len(z)):
         raise ValueError("one generator parameter set and one latent batch per teacher")
@@ -288,10 +298,8 @@ def invert_stacked(teachers: Sequence[Teacher], generator: Generator, generator_
             raise ValueError(f"shifts must be one [{steps}, 2] tensor per teacher")
         shift_t = torch.stack(list(shifts))
     use_adv = lambda_adv > 0 and (student is not None or student_model is not None)
-    grouped_ok = _GroupedConvEngine.usable(teachers, generator, student_model if use_adv else None)
-    if engine == "grouped-conv" and not grouped_ok:
-        raise ValueError("the grouped-conv engine runs Conv4 teachers and learners and the Generator only")
-    kind = _GroupedConvEngine if engine == "grouped-conv" or (engine == "auto" and grouped_ok) else _VmapEngine
+    kind = _GroupedConvEngine if engine_for(teachers, generator, student_model if use_adv else None,
+                                            engine) == "grouped-conv" else _VmapEngine
     eng = kind(teachers, generator, use_bn, student_model if use_adv else None)
     names = list(generator_params[0])
     params = {k: torch.stack([p[k].detach() for p in generator_params]).clone().requires_grad_(True)
@@ -356,6 +364,8 @@ def invert_grouped(teachers: Sequence[Teacher], generator: Generator, generator_
     """Any mix of teachers: stacked per structure group (chunks of ``max_batch``, through
     ``engine``, see :func:`invert_stacked`), a lone teacher via the plain :func:`invert`. Results in
     the teachers' order."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     subsets = [None] * len(teachers) if subsets is None else list(subsets)
     shifts = [None] * len(teachers) if shifts is None else list(shifts)
     if any(s is None for s in shifts) and any(s is not None for s in shifts):

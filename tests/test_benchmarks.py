@@ -114,7 +114,9 @@ def test_grouped_conv_engine_takes_conv4_and_generator_only(float64):
     with pytest.raises(ValueError, match="grouped-conv engine runs Conv4"):
         bi.five_step(mg, resnets, engine="grouped-conv")
     with pytest.raises(ValueError, match="engine must be one of"):
-        bi.five_step(mg, resnets, engine="fast")
+        bi.five_step(mg, resnets[:1], engine="fast")      # refused even where no group is stacked
+    assert bi.engine_for(resnets, mg.generator) == "vmap"
+    assert bi.engine_for([_teacher(3), _teacher(4)], mg.generator) == "grouped-conv"
     # the layout helpers invert each other, and roll() shifts each network's images by its own offset
     x = torch.randn(3, 2, 4, 5, 6)
     g = grouped_nets.to_grouped(x)
