@@ -223,9 +223,9 @@ class _GroupedConvEngine:
         self.use_bn = use_bn
         self.student_model = student_model
         self.s_params = self.s_buffers = None
-        if student_model is not None:
-            self.s_params = {k: v.detach() for k, v in student_model.named_parameters()}
-            self.s_buffers = {k: v.detach() for k, v in student_model.named_buffers()}
+        if student_model is not None:      # frozen during inversion: repeated T times once, not per step
+            self.s_params = grouped_nets.repeat(dict(student_model.named_parameters()), self.T)
+            self.s_buffers = grouped_nets.repeat(dict(student_model.named_buffers()), self.T)
 
     @staticmethod
     def usable(teachers: Sequence[Teacher], generator: Generator, student_model: nn.Module | None) -> bool:
@@ -244,8 +244,7 @@ class _GroupedConvEngine:
         return logits, (bn if bn is not None else logits.new_zeros(self.T))
 
     def student(self, x: torch.Tensor) -> torch.Tensor:
-        return grouped_nets.classifier(self.student_model, self.s_params, self.s_buffers, x, self.T,
-                                       shared=True)[0]
+        return grouped_nets.classifier(self.student_model, self.s_params, self.s_buffers, x, self.T)[0]
 
     def stacked(self, x: torch.Tensor) -> torch.Tensor:
         return grouped_nets.from_grouped(x, self.T)

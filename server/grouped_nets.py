@@ -15,8 +15,8 @@ this module does the same arithmetic without either cost, in one fixed layout:
 * a linear layer (the generator's first, a classifier's head) is one ``baddbmm`` over ``[T, n, F]``.
 
 Parameters and buffers come stacked, ``[T, ...]`` (as :func:`torch.func.stack_module_state` gives
-them); a network shared by all T (the meta-learner in L_adv) passes its own tensors with
-``shared=True``. BatchNorm uses batch statistics where the module would (train mode, or no running
+them); a network shared by all T (the meta-learner in L_adv) passes its tensors repeated T times
+(:func:`repeat`). BatchNorm uses batch statistics where the module would (train mode, or no running
 statistics: the generator), else its running statistics, exactly as ``functional_call`` would.
 
 Supported: :class:`~free_dfml.server.generator.Generator`, and classifiers that are a
@@ -101,17 +101,20 @@ def teacher_input(x: torch.Tensor, T: int, input_shape: tuple[int, int, int]) ->
 
 # ---------------------------------------------------------------------------------- layers
 
-class _Tensors:
-    """Stacked ``[T, ...]`` tensors by name; a shared network's own tensors, expanded to T."""
+def repeat(tensors: Params, T: int) -> dict[str, torch.Tensor]:
+    """One network's tensors as T identical stacked copies ``[T, ...]`` (detached, contiguous), for
+    a network applied to T image batches, each with its own batch statistics."""
+    return {k: v.detach().unsqueeze(0).expand(T, *v.shape).contiguous() for k, v in tensors.items()}
 
-    def __init__(self, tensors: Params, T: int, shared: bool):
-        self.tensors, self.T, self.shared = tensors, T, shared
+
+class _Tensors:
+    """Stacked ``[T, ...]`` tensors by name."""
+
+    def __init__(self, tensors: Params, T: int):
+        self.tensors, self.T = tensors, T
 
     def get(self, name: str) -> torch.Tensor | None:
-        v = self.tensors.get(name)
-        if v is None or not self.shared:
-            return v
-        return v.unsqueeze(0).expand(self.T, *v.shape)
+        return self.tensors.get(name)
 
     def flat(self, name: str) -> torch.Tensor | None:
         """The T tensors concatenated along their first dimension (a grouped layer's weight)."""
@@ -160,24 +163,24 @@ def generator(gen: Generator, params: Params, z: torch.Tensor) -> torch.Tensor:
     """T copies of ``gen`` with stacked ``params`` on latents ``z [T, n, nz]`` -> images in the
     grouped layout ``[n, T*C, H, W]``."""
     T, n = z.shape[:2]
-    P = _Tensors(params, T, shared=False)
+    P = _Tensors(params, T)
     out = _linear(z.flatten(2), P.get("l1.weight"), P.get("l1.bias"))
     s = gen.init_size
-    x = cpu_layout(out.view(T, n, -1, s, s).transpose(0, 1).reshape(n, -1, s, s))
-    none = _Tensors({}, T, shared=False)
+    x = cpu_layout(to_grouped(out.view(T, n, -1, s, s)))
+    none = _Tensors({}, T)
     for i, m in enumerate(gen.conv_blocks):
         x = _layer(m, f"conv_blocks.{i}", P, none, x)
     return x
 
 
 def classifier(model: nn.Module, params: Params, buffers: Params, x: torch.Tensor, T: int, *,
-               shared: bool = False, bn_loss: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+               bn_loss: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """T classifiers of ``model``'s structure on images in the grouped layout -> (logits
     ``[T, n, K]``, the DeepInversion BN loss of each network ``[T]`` when ``bn_loss``, else None).
 
-    ``params`` / ``buffers`` are stacked ``[T, ...]``, or ``model``'s own with ``shared=True``
-    (one network applied to T image batches, each with its own batch statistics)."""
-    P, B = _Tensors(params, T, shared), _Tensors(buffers, T, shared)
+    ``params`` / ``buffers`` are stacked ``[T, ...]`` (one network applied to T image batches, each
+    with its own batch statistics: its tensors through :func:`repeat`)."""
+    P, B = _Tensors(params, T), _Tensors(buffers, T)
     n = x.shape[0]
     net, prefix = model, ""
     if type(model) is Normalized:
