@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import multiprocessing as mp
+import os
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -52,7 +53,22 @@ def _call(fn: str, ctx: Ctx, deps: dict, kwargs: dict) -> Outcome:
         return Outcome(False, None, traceback.format_exc(), time.perf_counter() - t0)
 
 
-def _init_worker(threads: int) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGTERM this worker when the harness process dies (killed, not only interrupted),
+    so that no orphaned worker keeps training a job whose result nobody will collect."""
+    try:
+        import ctypes
+        import signal
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)          # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):                       # not Linux: workers outlive a killed parent
+        return
+    if os.getppid() != parent:                              # it died before the request took effect
+        os._exit(1)
+
+
+def _init_worker(threads: int, parent: int) -> None:
+    _die_with_parent(parent)
     import torch
     if threads:
         torch.set_num_threads(threads)
@@ -103,7 +119,7 @@ def run_jobs(jobs: list[Job], ctx: Ctx, *, workers: int, threads: int,
 
     running: dict[Future, Job] = {}
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                             initializer=_init_worker, initargs=(threads,)) as pool:
+                             initializer=_init_worker, initargs=(threads, os.getpid())) as pool:
         while pending or running:
             for j in ready():
                 if len(running) >= workers:

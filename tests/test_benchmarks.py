@@ -278,3 +278,46 @@ def test_meta_val_sweep_scores_every_variant_and_seed_on_meta_val(tmp_path, caps
         assert e.value.code == 2
         assert msg in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+def test_harness_workers_exit_when_the_harness_is_killed(tmp_path):
+    """A harness killed outright (SIGKILL: no cleanup runs) takes its worker processes with it."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    (tmp_path / "hangjob.py").write_text(
+        "import os, time\n"
+        "def hang(ctx, deps):\n"
+        f"    open({str(tmp_path / 'worker.pid')!r}, 'w').write(str(os.getpid()))\n"
+        "    time.sleep(600)\n")
+    script = ("from benchmarks.jobs import Ctx, Job, run_jobs\n"
+              "run_jobs([Job('hang', 'hangjob:hang')], Ctx(None, '.', '.', 'cpu'), workers=1, threads=1)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    harness = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=tmp_path)
+    pid_file = tmp_path / "worker.pid"
+    try:
+        deadline = time.monotonic() + 120
+        while not pid_file.exists() or not pid_file.read_text():
+            assert harness.poll() is None and time.monotonic() < deadline, "the job never started"
+            time.sleep(0.2)
+        worker = int(pid_file.read_text())
+        assert _alive(worker)
+    finally:
+        harness.send_signal(signal.SIGKILL)
+        harness.wait()
+    deadline = time.monotonic() + 30
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _alive(worker):
+        os.kill(worker, signal.SIGKILL)
+        raise AssertionError("the worker outlived the killed harness")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in state
