@@ -253,12 +253,16 @@ class _GroupedConvEngine:
         pass
 
 
+def _check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+
+
 def engine_for(teachers: Sequence[Teacher], generator: Generator, student_model: nn.Module | None = None,
                engine: str = "auto") -> str:
     """The engine :func:`invert_stacked` runs for these networks: ``"grouped-conv"`` or ``"vmap"``
     (``engine="grouped-conv"`` where it does not apply is an error)."""
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    _check_engine(engine)
     grouped_ok = _GroupedConvEngine.usable(teachers, generator, student_model)
     if engine == "grouped-conv" and not grouped_ok:
         raise ValueError("the grouped-conv engine runs Conv4 teachers and learners and the Generator only")
@@ -363,8 +367,7 @@ def invert_grouped(teachers: Sequence[Teacher], generator: Generator, generator_
     """Any mix of teachers: stacked per structure group (chunks of ``max_batch``, through
     ``engine``, see :func:`invert_stacked`), a lone teacher via the plain :func:`invert`. Results in
     the teachers' order."""
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    _check_engine(engine)
     subsets = [None] * len(teachers) if subsets is None else list(subsets)
     shifts = [None] * len(teachers) if shifts is None else list(shifts)
     if any(s is None for s in shifts) and any(s is not None for s in shifts):
