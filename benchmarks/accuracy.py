@@ -101,6 +101,8 @@ def run_method(ctx: Ctx, deps: dict, *, method: str, zoo_job: str = "zoo:main",
         acc, ci = track_eval(learner, val, cfg, p.track_episodes, device)
         track_s += time.perf_counter() - t0
         curve.append({"iteration": x, "acc": acc, "ci95": ci})
+        # one line per point in the run's log, so that a run stopped early still shows its curve
+        print(f"[track] {method} iteration {x}: meta-val 1-shot {100 * acc:.2f} +- {100 * ci:.2f}", flush=True)
 
     if method == "random":
         learner = random_learner(cfg, norm=norm).to(device)
