@@ -109,7 +109,18 @@ def _file_lock(path: Path) -> Iterator[None]:
         raise GlyphsError(f"cannot open the glyph cache lock {path} ({e.strerror or e}); "
                           "point FREE_DFML_CACHE or cache_dir at a writable folder") from None
     with fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        if _in_spawn_bootstrap():
+            # a render worker re-running its parent's main script while the parent holds this lock
+            # to render: waiting would wait for ever. The worker exits with one line instead, and the
+            # parent renders the split in-process
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise SystemExit("free-dfml: a glyph render worker re-ran a script that opens the glyphs "
+                                 "at import time; put that code under `if __name__ == \"__main__\":` to "
+                                 "render in parallel") from None
+        else:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -618,32 +629,113 @@ def split_path(split: str, cfg: RenderConfig, index: GlyphIndex, cache_dir=None)
             / f"{split}-{cfg.image_size}px-{'gray' if cfg.grayscale else 'rgb'}-{cfg.key(index.key)}.safetensors")
 
 
-def _render_split(classes: Sequence[GlyphClass], cfg: RenderConfig, desc: str) -> np.ndarray:
+# A split of at least this many images renders in worker processes (each class has its own seeded
+# generator and renders on one thread, so the pixels are the same whatever the number of workers).
+PARALLEL_RENDER_MIN_IMAGES = 20_000
+RENDER_WORKERS_ENV = "FREE_DFML_RENDER_WORKERS"
+MAX_RENDER_WORKERS = 8
+
+
+def render_workers(images: int) -> int:
+    """Worker processes for rendering ``images`` images: ``$FREE_DFML_RENDER_WORKERS`` when set
+    (1: in this process), else the usable cores up to 8 for a split of 20 000 images or more."""
+    env = os.environ.get(RENDER_WORKERS_ENV, "").strip()
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise GlyphsError(f"{RENDER_WORKERS_ENV} must be a whole number >= 1, got {env!r}")
+        return n
+    if images < PARALLEL_RENDER_MIN_IMAGES:
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_RENDER_WORKERS, cores))
+
+
+def _render_chunk(classes: Sequence[GlyphClass], cfg: RenderConfig) -> np.ndarray:
+    """One worker task: consecutive classes rendered one after the other (uint8 [k * n, C, S, S])."""
+    bank = FontBank()
+    with _one_torch_thread():
+        return np.concatenate([_render_class(gc, cfg, bank) for gc in classes])
+
+
+def _render_split(classes: Sequence[GlyphClass], cfg: RenderConfig, desc: str,
+                  workers: int | None = None) -> np.ndarray:
     n, C, S = cfg.images_per_class, cfg.channels, cfg.image_size
     out = np.empty((len(classes) * n, C, S, S), np.uint8)
-    bank = FontBank()
+    workers = render_workers(len(classes) * n) if workers is None else workers
     t0 = time.monotonic()
-    announced = False
-    bar = None
+    state = {"announced": False, "bar": None}
+
+    def progress(done: int) -> None:
+        if not state["announced"] and time.monotonic() - t0 > 2.0:
+            state["announced"] = True
+            how = f", {workers} processes" if workers > 1 else ""
+            print(f"free-dfml: rendering the glyphs {desc} split once "
+                  f"({len(classes)} classes x {n} images, {S}px{how}); it is cached afterwards",
+                  file=sys.stderr, flush=True)
+            state["bar"] = _progress_bar(desc, len(classes), done)
+        if state["bar"] is not None:
+            state["bar"][0].update(state["bar"][1], completed=done)
+
     try:
-        with _one_torch_thread():
-            for k, gc in enumerate(classes):
-                out[k * n:(k + 1) * n] = _render_class(gc, cfg, bank)
-                if not announced and time.monotonic() - t0 > 2.0:
-                    announced = True
-                    print(f"free-dfml: rendering the glyphs {desc} split once "
-                          f"({len(classes)} classes x {n} images, {S}px); it is cached afterwards",
-                          file=sys.stderr, flush=True)
-                    bar = _progress_bar(desc, len(classes), k + 1)
-                if bar is not None:
-                    bar[0].update(bar[1], completed=k + 1)
+        if not (workers > 1 and _render_in_workers(classes, cfg, out, workers, progress)):
+            bank = FontBank()
+            with _one_torch_thread():
+                for k, gc in enumerate(classes):
+                    out[k * n:(k + 1) * n] = _render_class(gc, cfg, bank)
+                    progress(k + 1)
     finally:
-        if bar is not None:
-            bar[0].stop()
-    if announced:
+        if state["bar"] is not None:
+            state["bar"][0].stop()
+    if state["announced"]:
         print(f"free-dfml: glyphs {desc} split rendered in {time.monotonic() - t0:.1f}s",
               file=sys.stderr, flush=True)
     return out
+
+
+def _render_in_workers(classes: Sequence[GlyphClass], cfg: RenderConfig, out: np.ndarray, workers: int,
+                       progress) -> bool:
+    """Fill ``out`` from ``workers`` spawned processes; False (nothing promised about ``out``) when
+    processes cannot be started here, e.g. inside a daemonic worker: the caller renders in-process."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    n = cfg.images_per_class
+    per_task = max(1, min(32, -(-len(classes) // (4 * workers))))
+    starts = list(range(0, len(classes), per_task))
+    try:
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+    except (OSError, ValueError, AssertionError):
+        return False
+    try:
+        futures = {pool.submit(_render_chunk, list(classes[a:a + per_task]), cfg): a for a in starts}
+        done = 0
+        for f in as_completed(futures):
+            a = futures[f]
+            block = f.result()
+            out[a * n:a * n + len(block)] = block
+            done += len(block) // n
+            progress(done)
+    except (BrokenProcessPool, AssertionError, OSError):
+        return False
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return True
+
+
+def _in_spawn_bootstrap() -> bool:
+    """True while a spawned process re-runs its parent's main script (multiprocessing sets
+    ``_inheriting`` for that phase): a script that renders at import time, without an
+    ``if __name__ == "__main__":`` guard, does so again in each render worker."""
+    import multiprocessing
+    return bool(getattr(multiprocessing.current_process(), "_inheriting", False))
 
 
 def _progress_bar(desc: str, total: int, done: int):

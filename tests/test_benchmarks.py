@@ -254,6 +254,19 @@ def test_set_overrides_preset_fields_and_refuses_bad_ones(capsys):
         assert msg in capsys.readouterr().err
 
 
+def test_full_preset_clients_get_the_papers_images_per_class():
+    """480 training and 120 held-out images a class (the paper's split), never the glyph
+    renderer's 40-image default, and a real data set with fewer can say ``null``."""
+    from benchmarks.presets import get_preset, parse_setting
+    from free_dfml.client.train import TrainConfig
+
+    p = get_preset("full")
+    held = round(p.images_per_class * TrainConfig().holdout)
+    assert (p.images_per_class - held, held) == (480, 120)
+    assert p.images_per_class > get_preset("quick").images_per_class
+    assert get_preset("full", **dict([parse_setting("images_per_class=null")])).images_per_class is None
+
+
 def test_meta_val_sweep_scores_every_variant_and_seed_on_meta_val(tmp_path, capsys):
     from benchmarks.meta_val_sweep import main
 

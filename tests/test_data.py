@@ -90,6 +90,53 @@ def test_glyphs_deterministic_and_lazy(glyph_cache, tmp_path):
     assert np.array_equal(alone, test.images[7 * 3:8 * 3].numpy())
 
 
+def test_glyph_render_workers_give_the_serial_pixels(glyph_cache):
+    index = glyphs.load_index()
+    classes = index.split_classes("val")[:10]
+    cfg = glyphs.RenderConfig(images_per_class=3)
+    serial = glyphs._render_split(classes, cfg, "val", workers=1)
+    out = np.zeros_like(serial)
+    seen = []
+    assert glyphs._render_in_workers(classes, cfg, out, 2, seen.append)   # processes did start here
+    assert np.array_equal(out, serial)
+    assert sorted(seen)[-1] == len(classes)
+    assert glyphs.render_workers(glyphs.PARALLEL_RENDER_MIN_IMAGES - 1) == 1
+
+
+def test_glyph_render_workers_env_is_checked(monkeypatch):
+    monkeypatch.setenv(glyphs.RENDER_WORKERS_ENV, "3")
+    assert glyphs.render_workers(10) == 3
+    for bad in ("0", "two"):
+        monkeypatch.setenv(glyphs.RENDER_WORKERS_ENV, bad)
+        with pytest.raises(glyphs.GlyphsError, match=glyphs.RENDER_WORKERS_ENV):
+            glyphs.render_workers(10)
+
+
+def test_parallel_render_from_an_unguarded_script_does_not_hang(tmp_path):
+    """Spawned render workers re-run the parent's main script; one that renders at import time
+    (no ``__main__`` guard) must not wait on the lock its parent holds: the split is rendered
+    in-process instead, with the same pixels."""
+    import os
+    import subprocess
+    import sys
+    script = tmp_path / "render.py"
+    script.write_text("import sys\n"
+                      "from free_dfml.common import glyphs\n"
+                      "cfg = glyphs.RenderConfig(images_per_class=2)\n"
+                      "path, _ = glyphs.ensure_split('val', cfg, cache_dir=sys.argv[1])\n"
+                      "print(path)\n")
+    env = {**os.environ, glyphs.RENDER_WORKERS_ENV: "2"}
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "cache")], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "__main__" in r.stderr            # the workers said why they could not help
+    images, _ = glyphs.read_split(Path(r.stdout.strip().splitlines()[-1]))
+    classes = glyphs.load_index(tmp_path / "cache").split_classes("val")
+    cfg = glyphs.RenderConfig(images_per_class=2)
+    for k in (0, len(classes) - 1):
+        assert np.array_equal(images[2 * k:2 * k + 2].numpy(), glyphs.render_class(classes[k], cfg))
+
+
 def test_glyph_images_shapes_and_types():
     for size, gray in ((32, False), (84, False), (32, True)):
         ds = open_dataset("glyphs", image_size=size, grayscale=gray, images_per_class=2)
