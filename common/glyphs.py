@@ -16,7 +16,8 @@ else ``~/.cache/free-dfml``), in ``glyphs/``:
   renderer version and the class index. Splits are rendered lazily, one at a time.
 
 Rendering is deterministic for a seed: each class has its own random generator seeded from
-``(seed, code point, RENDERER_VERSION)``, so a class renders the same whatever else is rendered.
+``(seed, code point, RENDERER_VERSION)``, so a class renders the same whatever else is rendered,
+and a large split renders in worker processes with the same bytes (``render_workers``).
 See docs/data.md for the class definition, the script-to-split table and the calibration.
 """
 
