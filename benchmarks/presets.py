@@ -106,7 +106,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # paper-size: 100 models, Conv4-64 learner and teachers, 1000 iterations, 200 scratch steps (GPU)
     # 600 images a class: the paper's 480 to train and 120 held out (the client's 20% hold-out). The
     # data set's "all" (None) would be the glyph renderer's default 40; for a real data set with fewer
-    # than 600 a class (e.g. CUB), --set images_per_class=null
+    # than 600 a class (e.g. CUB), --set images_per_class=null. On the glyphs this renders 4.4 GB (32 px)
+    # and 17.4 GB (64 px, the hetero domain zoo) into the cache (docs/benchmarks.md, "Presets")
     "full": dict(workers=1, threads_per_worker=0, images_per_class=600, clients=100, heldout_clients=10, client_width=64,
                  client_epochs=60, free_preset="paper", iterations=1000, scratch_steps=200, oracle_batches=10000,
                  track_every=100, track_episodes=200, recovery_models=10, recovery_five_steps=50,
