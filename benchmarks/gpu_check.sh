@@ -10,7 +10,7 @@
 # 3. the tiny preset, every section, on cuda (the harness's smoke test, on a GPU).
 # Each step is bounded by `timeout`, so one that hangs does not cost the others.
 set -u
-out=${1:?usage: gpu_check.sh OUTDIR}
+out=$(realpath -m "${1:?usage: gpu_check.sh OUTDIR}")   # absolute: gpu_env.sh moves into the repository
 mkdir -p "$out"
 source "$(dirname "$0")/gpu_env.sh"
 

@@ -9,7 +9,7 @@
 # 2. the same at the quick preset's sizes;
 # 3. torch.profiler tables and TF32 / channels-last / bf16-autocast timings at the full sizes, T = 16.
 set -u
-out=${1:?usage: gpu_engines.sh OUTDIR}
+out=$(realpath -m "${1:?usage: gpu_engines.sh OUTDIR}")   # absolute: gpu_env.sh moves into the repository
 mkdir -p "$out"
 source "$(dirname "$0")/gpu_env.sh"
 work=$(mktemp -d)

@@ -7,9 +7,9 @@
 #
 #   bash benchmarks/gpu_full_timing.sh OUTDIR       # env: IPC (100) CL (4) IT (5) OB (100) EP (100) LIM (230)
 set -u
-OUT=${1:?usage: gpu_full_timing.sh OUTDIR}
+OUT=$(realpath -m "${1:?usage: gpu_full_timing.sh OUTDIR}")   # absolute: gpu_env.sh moves into the repository
 mkdir -p "$OUT"
-source benchmarks/gpu_env.sh
+source "$(dirname "$0")/gpu_env.sh"
 t0=$SECONDS
 $py -c "
 from free_dfml.common.datasets import open_dataset

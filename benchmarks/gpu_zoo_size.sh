@@ -12,7 +12,7 @@
 # dry run of the plumbing with DEVICE=cpu), CLIENTS (100). Each run's log (with its [track] lines:
 # meta-val accuracy every 100 iterations) comes back even when LIMIT stops it.
 set -u
-out=${1:?usage: gpu_zoo_size.sh OUTDIR}
+out=$(realpath -m "${1:?usage: gpu_zoo_size.sh OUTDIR}")   # absolute: gpu_env.sh moves into the repository
 mkdir -p "$out"
 source "$(dirname "$0")/gpu_env.sh"
 work=$(mktemp -d)

@@ -671,18 +671,20 @@ def _render_split(classes: Sequence[GlyphClass], cfg: RenderConfig, desc: str,
     out = np.empty((len(classes) * n, C, S, S), np.uint8)
     workers = render_workers(len(classes) * n) if workers is None else workers
     t0 = time.monotonic()
-    state = {"announced": False, "bar": None}
+    announced = False
+    bar = None
 
     def progress(done: int) -> None:
-        if not state["announced"] and time.monotonic() - t0 > 2.0:
-            state["announced"] = True
+        nonlocal announced, bar
+        if not announced and time.monotonic() - t0 > 2.0:
+            announced = True
             how = f", {workers} processes" if workers > 1 else ""
             print(f"free-dfml: rendering the glyphs {desc} split once "
                   f"({len(classes)} classes x {n} images, {S}px{how}); it is cached afterwards",
                   file=sys.stderr, flush=True)
-            state["bar"] = _progress_bar(desc, len(classes), done)
-        if state["bar"] is not None:
-            state["bar"][0].update(state["bar"][1], completed=done)
+            bar = _progress_bar(desc, len(classes), done)
+        if bar is not None:
+            bar[0].update(bar[1], completed=done)
 
     try:
         if not (workers > 1 and _render_in_workers(classes, cfg, out, workers, progress)):
@@ -692,9 +694,9 @@ def _render_split(classes: Sequence[GlyphClass], cfg: RenderConfig, desc: str,
                     out[k * n:(k + 1) * n] = _render_class(gc, cfg, bank)
                     progress(k + 1)
     finally:
-        if state["bar"] is not None:
-            state["bar"][0].stop()
-    if state["announced"]:
+        if bar is not None:
+            bar[0].stop()
+    if announced:
         print(f"free-dfml: glyphs {desc} split rendered in {time.monotonic() - t0:.1f}s",
               file=sys.stderr, flush=True)
     return out
