@@ -404,6 +404,9 @@ def status(state_dir: Path = STATE_OPT,
             print(f"  + {a['id'][:16]}  {a.get('arch')}  {a.get('num_classes')} classes{dp}")
         for r in st.get("rejected", [])[-10:]:
             print(f"  - rejected: {r.get('reason')}")
+        stalled = (st.get("link") or {}).get("stalled_s") or 0
+        if stalled:
+            print(f"link       the SuperLink has not answered for {stalled:.0f} s (training goes on)")
         it = tr.get("iteration", 0)
         print(f"training   iteration {it}" + (" (running)" if tr.get("running") else "") +
               (f"  error: {tr['error']}" if tr.get("error") else ""))

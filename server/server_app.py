@@ -17,6 +17,12 @@ Loop (every ``poll-interval`` seconds), in the process's main thread:
    arrive; it checkpoints every ``checkpoint-every`` iterations, and on stop (``stop.request``,
    SIGTERM/SIGINT, the supervisor's death);
 4. ``status.json`` is rewritten (atomically) every ``status-every`` seconds.
+
+Every call to the SuperLink goes through flwr's retry invoker, which retries a failed or timed-out
+call (30 s per attempt) for as long as it takes. A watchdog thread therefore covers the main
+loop while it waits: once a poll has lasted ``LINK_STALL_S`` seconds it keeps ``status.json``
+current (training goes on; ``link.stalled_s`` says how long the SuperLink has not answered), and a
+stop request during the wait stops training and checkpoints without waiting for the SuperLink.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from free_dfml.server.zoo import Zoo
 LOG = logging.getLogger("free_dfml.server")
 MAX_ARRAYS = 4096
 NODE_GONE_S = 60.0        # forget a pending query whose node has left for this long
+LINK_STALL_S = 5.0        # a poll running this long counts as a stalled SuperLink link
 
 
 # ------------------------------------------------------------------------------------ settings
@@ -300,6 +307,7 @@ class TrainerRunner:
 # ------------------------------------------------------------------------------------- serving
 
 class FreeServer:
+    SHUTDOWN_WAIT_S = 150.0     # a second shutdown() caller waits this long for the first
     def __init__(self, grid: Grid, settings: ServerSettings, *, run_id: int | None = None):
         self.grid, self.settings, self.run_id = grid, settings, run_id
         self.state = StateDir(settings.state_dir).create()
@@ -309,12 +317,19 @@ class FreeServer:
         self.stop_event = threading.Event()
         self.heard: dict[int, dict[str, Any]] = {}
         self.pending: dict[str, tuple[int, float]] = {}    # message id -> (node id, sent at)
-        self.acks: set[str] = set()
+        self.acks: dict[str, float] = {}                  # ack message id -> sent at
         self.node_last_seen: dict[int, float] = {}
         self.replies = 0
         self.started_at = time.time()
         self.phase = "collecting"
         self._last_status = 0.0
+        self._status_lock = threading.Lock()
+        self._shut_lock = threading.Lock()
+        self._shut = False
+        self._shut_done = threading.Event()
+        self._poll_since: float | None = None     # when the poll in progress began (None: none)
+        self._last_poll_ok: float | None = None
+        self._watchdog: threading.Thread | None = None
 
     # ------------------------------------------------------------------------------ replies
     def handle_reply(self, reply: Message, node_id: int) -> dict[str, Any]:
@@ -366,14 +381,17 @@ class FreeServer:
                 outcome = self.handle_reply(reply, node_id)
                 self.heard[node_id] = outcome
                 ack_ids = list(self.grid.push_messages([ack_message(node_id, outcome)]))
-                self.acks.update(a for a in ack_ids if a)
+                self.acks.update((a, now) for a in ack_ids if a)
         # forget queries to nodes that left
         for mid, (n, sent) in list(self.pending.items()):
             if now - self.node_last_seen.get(n, sent) > NODE_GONE_S:
                 del self.pending[mid]
         if self.acks:   # collect the (empty) ack replies so they do not pile up
             for r in self.grid.pull_messages(list(self.acks)):
-                self.acks.discard(r.metadata.reply_to_message_id)
+                self.acks.pop(r.metadata.reply_to_message_id, None)
+            for mid, sent in list(self.acks.items()):   # a node that left without answering its ack
+                if now - sent > NODE_GONE_S:
+                    del self.acks[mid]
         self.runner.maybe_start(force=self.collected())
 
     def collected(self) -> bool:
@@ -400,7 +418,19 @@ class FreeServer:
             return len(self.zoo) == 0     # nothing to train on: done
         return self.runner.done
 
+    def link(self) -> dict[str, Any]:
+        """The SuperLink link as the main loop sees it: last good poll, and how long the poll in
+        progress has waited once that passes ``LINK_STALL_S`` (else 0)."""
+        since = self._poll_since
+        waited = time.time() - since if since is not None else 0.0
+        return {"last_ok": self._last_poll_ok,
+                "stalled_s": round(waited, 1) if waited >= LINK_STALL_S else 0.0}
+
     def write_status(self, force: bool = False) -> None:
+        with self._status_lock:
+            self._write_status(force)
+
+    def _write_status(self, force: bool) -> None:
         now = time.time()
         if not force and now - self._last_status < self.settings.status_every:
             return
@@ -412,7 +442,8 @@ class FreeServer:
         doc = build_status(self.state, phase=self.phase, started_at=self.started_at, run_id=self.run_id,
                            zoo_size=len(self.zoo), training=self.runner.summary(),
                            last_evaluation=last_eval, pending=len(self.pending),
-                           extra={"serverapp_pid": os.getpid(), "settings": self.settings.to_dict()})
+                           extra={"serverapp_pid": os.getpid(), "settings": self.settings.to_dict(),
+                                  "link": self.link()})
         try:
             self.state.write_status(doc)
         except OSError as e:
@@ -441,15 +472,38 @@ class FreeServer:
                     raise RuntimeError(f"another ServerApp holds {self.state.root}/serverapp.lock") from None
                 time.sleep(0.5)
 
+    def _watch(self) -> None:
+        """While a poll waits on the SuperLink for ``LINK_STALL_S`` or more: keep status.json current,
+        and honour a stop request (checkpoint, phase ``stopped``) without waiting for the poll."""
+        warned = False
+        while not self._shut_done.wait(min(1.0, self.settings.status_every)):
+            if not self.link()["stalled_s"]:
+                warned = False
+                continue
+            if not warned:
+                LOG.warning("the SuperLink has not answered for %.0f s; training goes on", self.link()["stalled_s"])
+                warned = True
+            if self.should_stop():
+                LOG.warning("stop requested while waiting on the SuperLink: stopping without it")
+                self.shutdown()
+                return
+            self.write_status()
+
     def serve(self) -> None:
         LOG.info("FREE server: state %s, %d model(s) in the zoo", self.state.root, len(self.zoo))
         self.write_status(force=True)
+        self._watchdog = threading.Thread(target=self._watch, name="free-link-watchdog", daemon=True)
+        self._watchdog.start()
         try:
             while not self.should_stop():
+                self._poll_since = time.time()
                 try:
                     self.poll_once()
+                    self._last_poll_ok = time.time()
                 except Exception as e:  # noqa: BLE001 - transient SuperLink trouble: keep going
                     LOG.error("poll failed: %s: %s", type(e).__name__, e)
+                finally:
+                    self._poll_since = None
                 if self.runner.running():
                     self.phase = "training"
                 if self.finished():
@@ -461,17 +515,25 @@ class FreeServer:
             self.shutdown()
 
     def shutdown(self) -> None:
-        if getattr(self, "_shut", False):
+        """Stop training, checkpoint, write the final status. Called from the main loop, flwr's exit
+        handler or the watchdog; a second caller waits for the first to finish."""
+        with self._shut_lock:
+            first = not self._shut
+            self._shut = True
+        if not first:
+            self._shut_done.wait(self.SHUTDOWN_WAIT_S)
             return
-        self._shut = True
-        if self.phase != "finished":
-            self.phase = "stopping"
-        self.write_status(force=True)
-        self.runner.stop()
-        if self.phase != "finished":
-            self.phase = "stopped"
-        self.write_status(force=True)
-        LOG.info("FREE server %s at iteration %d", self.phase, self.runner.iteration)
+        try:
+            if self.phase != "finished":
+                self.phase = "stopping"
+            self.write_status(force=True)
+            self.runner.stop()
+            if self.phase != "finished":
+                self.phase = "stopped"
+            self.write_status(force=True)
+            LOG.info("FREE server %s at iteration %d", self.phase, self.runner.iteration)
+        finally:
+            self._shut_done.set()
 
 
 def _setup_logging(state: StateDir) -> None:

@@ -8,7 +8,8 @@ with their reasons while the server keeps serving; an identical model stored onc
 model accepted with its epsilon in the status while FREE trains on a zoo mixing DP and non-DP
 teachers; SIGKILL of every server process, restart on the same state folder: zoo intact, training
 resumed from the checkpoint, new submissions accepted (without TLS this time); a clean stop leaves
-no process behind; ``free-sim`` with 4 clients writes its artefacts.
+no process behind; a SuperLink that stops answering leaves status.json live and stop prompt;
+``free-sim`` with 4 clients writes its artefacts.
 
 Ports come from binding port 0. Every process started here is stopped in a finalizer.
 """
@@ -336,6 +337,48 @@ def test_sigkill_then_resume_on_same_state(server, models):
     from free_dfml.common.package import load_package
     meta = load_package(out).meta
     assert meta.num_classes == 5 and {"adapt_steps", "inner_lr", "way"} <= set(meta.training)
+
+
+@slow
+def test_stalled_superlink_status_stays_live_and_stop_checkpoints(tmp_path, models):
+    """The SuperLink stops answering (SIGSTOP): FREE keeps training and status.json keeps saying so;
+    `free-server stop` checkpoints that training without waiting for the SuperLink."""
+    srv = Server(tmp_path / "state", None, tmp_path / "server.log")
+    srv.start(tls=False)
+    superlink = json.loads((srv.state / "server.json").read_text())["superlink_pid"]
+    try:
+        r = srv.submit(models["client0"])
+        assert r.returncode == 0, r.stderr
+        end = time.time() + 90
+        while time.time() < end and srv.status()["training"].get("iteration", 0) < 1:
+            time.sleep(0.5)
+        os.kill(superlink, signal.SIGSTOP)
+        stalled_at = srv.status()["training"]["iteration"]
+        end = time.time() + 90
+        while time.time() < end:
+            st = srv.status()
+            if st["link"]["stalled_s"] and st["training"]["iteration"] >= stalled_at + 2:
+                break
+            time.sleep(1)
+        assert st["link"]["stalled_s"] >= 5, st["link"]
+        assert st["training"]["iteration"] >= stalled_at + 2      # status.json still follows training
+        assert st["phase"] == "training" and st["running"]
+        assert "SuperLink has not answered" in run(BIN / "free-server", "status", "--state", srv.state).stdout
+        stop = run(BIN / "free-server", "stop", "--state", srv.state, "--timeout", "100", timeout=160)
+        assert stop.returncode == 0, stop.stderr
+        final = json.loads((srv.state / "status.json").read_text())
+        assert final["phase"] == "stopped"
+        ck = json.loads((srv.state / "checkpoints" / "checkpoint.json").read_text())
+        assert ck["iteration"] == final["training"]["iteration"] >= st["training"]["iteration"]
+        assert "stop requested while waiting on the SuperLink" in (srv.state / "logs" / "serverapp.log").read_text()
+        time.sleep(1)
+        assert not server_pids(srv.state)
+    finally:
+        try:
+            os.kill(superlink, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+        srv.kill_all()
 
 
 @slow
