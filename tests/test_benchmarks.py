@@ -293,6 +293,37 @@ def test_meta_val_sweep_scores_every_variant_and_seed_on_meta_val(tmp_path, caps
     assert not (tmp_path / "never").exists()
 
 
+def test_bank_diversity_measures_within_and_across_visits(tmp_path, tiny_zoo, capsys):
+    import torch
+
+    from benchmarks.bank_diversity import key_stats, main
+
+    # the statistic itself: 3 visits of 4 copies of one image each -> zero distance within a visit only
+    teacher = tiny_zoo.teacher(tiny_zoo.ids()[0])
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 1, 3, 32, 32, generator=g).expand(3, 4, 3, 32, 32).reshape(12, 3, 32, 32)
+    st = key_stats(x, teacher, (3, 32, 32), cls=0, m=4)
+    assert st["visits"] == 3 and 0 <= st["agree"] <= 1
+    assert st["pix_within"] == pytest.approx(0, abs=1e-6) and st["feat_within"] == pytest.approx(0, abs=1e-5)
+    assert st["pix_across"] > 0.1 and st["feat_across"] > 0
+
+    out = tmp_path / "div"
+    main(["--zoo", str(tiny_zoo.root), "--out", str(out), "--preset", "tiny", "--iterations", "6",
+          "--workers", "0", "--variant", "base={}", "--variant", 's2={"inversion": "scratch", "scratch_steps": 2}'])
+    rows = [json.loads(x) for x in (out / "diversity.jsonl").read_text().splitlines()]
+    assert [r["variant"] for r in rows] == ["base", "s2"]
+    for r in rows:
+        assert r["keys"] > 0 and r["visits"] >= 2 and 0 <= r["agree"] <= 1
+        assert all(r[k] >= 0 for k in ("feat_within", "feat_across", "pix_within", "pix_across"))
+        assert (out / f"grid_{r['variant']}.png").stat().st_size > 0
+    assert "| base |" in (out / "diversity.md").read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["--zoo", str(tiny_zoo.root), "--out", str(tmp_path / "never"), "--variant", 'j={"nope": 1}'])
+    assert e.value.code == 2 and "unknown FreeConfig key" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
 def test_harness_workers_exit_when_the_harness_is_killed(tmp_path):
     """A harness killed outright (SIGKILL: no cleanup runs) takes its worker processes with it."""
     import os
