@@ -14,6 +14,12 @@ visits of ``samples_per_class`` images, with the teacher that made them:
   of two images written in the same visit / in different visits (iterations);
 - ``pix_within`` / ``pix_across``: the same with RMS pixel distance.
 
+and over the whole bank, from the newest visit of every such key:
+
+- ``pix_between``: mean RMS pixel distance between two images of different teachers;
+- ``colour_spread``: standard deviation across teachers of a teacher's mean colour (per channel,
+  averaged over channels): how far the teachers' images differ in palette.
+
 Means over keys go to ``DIR/diversity.jsonl`` (one line per variant) and ``DIR/diversity.md``;
 ``DIR/grid_<variant>.png`` shows the newest images of the first teachers' classes.
 """
@@ -29,6 +35,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 METRICS = ("agree", "feat_within", "feat_across", "pix_within", "pix_across")
+BANK_METRICS = ("pix_between", "colour_spread")
 
 
 def key_stats(x, teacher, input_shape, cls: int, m: int) -> dict:
@@ -60,6 +67,23 @@ def key_stats(x, teacher, input_shape, cls: int, m: int) -> dict:
             "pix_within": pix[same].mean().item(), "pix_across": pix[other].mean().item()}
 
 
+def bank_stats(newest: list, models: list[str]) -> dict:
+    """``pix_between`` and ``colour_spread`` of the newest visit of every key (``newest[i]``: [m, C, H, W]
+    images of a key of teacher ``models[i]``)."""
+    import torch
+
+    x = torch.cat(newest).flatten(1)
+    owner = torch.tensor([models.index(mid) for mid, b in zip(models, newest) for _ in range(len(b))])
+    other = owner[:, None] != owner[None, :]
+    pix = torch.cdist(x, x) / x.shape[1] ** 0.5
+    colour: dict[str, list] = {}
+    for mid, b in zip(models, newest):
+        colour.setdefault(mid, []).append(b.mean(dim=(0, 2, 3)))
+    per_teacher = torch.stack([torch.stack(v).mean(0) for v in colour.values()])     # [teachers, C]
+    spread = per_teacher.std(0).mean().item() if len(per_teacher) > 1 else 0.0
+    return {"pix_between": pix[other].mean().item() if other.any() else 0.0, "colour_spread": spread}
+
+
 def run_variant(args: tuple) -> dict:
     name, overrides, zoo_dir, preset, iterations, seed, out = args
     import torch
@@ -78,6 +102,7 @@ def run_variant(args: tuple) -> dict:
     trainer.run(iterations, progress=False)
     train_s = time.perf_counter() - t0
     bank, m, rows = trainer.bank, cfg.samples_per_class, []
+    newest, owners = [], []
     for key in bank.keys():
         x = bank.images(key)
         if len(x) < 2 * m:
@@ -87,17 +112,22 @@ def run_variant(args: tuple) -> dict:
         label = key.rsplit(":", 1)[1]
         cls = meta.class_labels.index(label) if key.startswith("label:") else int(label)
         rows.append(key_stats(x, zoo.teacher(model_id), meta.input_shape, cls, m))
+        newest.append(x[-m:])
+        owners.append(model_id)
     save_recovered_grid(trainer, sorted(bank.models())[:8], Path(out) / f"grid_{name}.png", per_class=6)
     mean = {k: round(sum(r[k] for r in rows) / len(rows), 4) for k in (*METRICS, "visits")} if rows else {}
+    if rows:
+        mean.update({k: round(v, 4) for k, v in bank_stats(newest, owners).items()})
     return {"variant": name, "overrides": overrides, "seed": seed, "iterations": iterations,
             "train_s": round(train_s, 1), "keys": len(rows), **mean}
 
 
 def table(rows: list[dict]) -> str:
-    head = ["variant", "keys", "visits a key", *METRICS, "train s"]
+    head = ["variant", "keys", "visits a key", *METRICS, *BANK_METRICS, "train s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        vals = [r["variant"], r["keys"], r.get("visits", "-"), *(r.get(k, "-") for k in METRICS), r["train_s"]]
+        vals = [r["variant"], r["keys"], r.get("visits", "-"), *(r.get(k, "-") for k in (*METRICS, *BANK_METRICS)),
+                r["train_s"]]
         lines.append("| " + " | ".join(str(v) for v in vals) + " |")
     return "\n".join(lines)
 

@@ -307,6 +307,14 @@ def test_bank_diversity_measures_within_and_across_visits(tmp_path, tiny_zoo, ca
     assert st["pix_within"] == pytest.approx(0, abs=1e-6) and st["feat_within"] == pytest.approx(0, abs=1e-5)
     assert st["pix_across"] > 0.1 and st["feat_across"] > 0
 
+    from benchmarks.bank_diversity import bank_stats     # one palette for every teacher -> no spread
+    grey = [torch.full((4, 3, 8, 8), 0.5), torch.full((4, 3, 8, 8), 0.5)]
+    assert bank_stats(grey, ["a", "b"]) == {"pix_between": pytest.approx(0), "colour_spread": pytest.approx(0)}
+    red, blue = torch.zeros(4, 3, 8, 8), torch.zeros(4, 3, 8, 8)
+    red[:, 0], blue[:, 2] = 1, 1
+    st = bank_stats([red, red, blue], ["a", "a", "b"])          # two keys of teacher a, one of b
+    assert st["pix_between"] == pytest.approx((2 / 3) ** 0.5) and st["colour_spread"] > 0.4
+
     out = tmp_path / "div"
     main(["--zoo", str(tiny_zoo.root), "--out", str(out), "--preset", "tiny", "--iterations", "6",
           "--workers", "0", "--variant", "base={}", "--variant", 's2={"inversion": "scratch", "scratch_steps": 2}'])
@@ -314,7 +322,8 @@ def test_bank_diversity_measures_within_and_across_visits(tmp_path, tiny_zoo, ca
     assert [r["variant"] for r in rows] == ["base", "s2"]
     for r in rows:
         assert r["keys"] > 0 and r["visits"] >= 2 and 0 <= r["agree"] <= 1
-        assert all(r[k] >= 0 for k in ("feat_within", "feat_across", "pix_within", "pix_across"))
+        assert all(r[k] >= 0 for k in ("feat_within", "feat_across", "pix_within", "pix_across", "pix_between",
+                                       "colour_spread"))
         assert (out / f"grid_{r['variant']}.png").stat().st_size > 0
     assert "| base |" in (out / "diversity.md").read_text()
     capsys.readouterr()
