@@ -143,9 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=2, help="processes, one variant each (0: in this one)")
     ap.add_argument("--variant", action="append", required=True, metavar="NAME=JSON")
     a = ap.parse_args(argv)
-    from benchmarks.meta_val_sweep import parse_variant
+    from benchmarks.meta_val_sweep import check_variants, parse_variant
     from benchmarks.presets import get_preset
-    from free_dfml.server.trainer import FreeConfig
     try:
         if not (Path(a.zoo) / "models").is_dir():
             raise ValueError(f"no zoo at {a.zoo} (expected a models/ folder)")
@@ -153,11 +152,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError("--iterations must be >= 1")
         p = get_preset(a.preset)
         variants = dict(parse_variant(v) for v in a.variant)
-        for name, o in variants.items():       # refuse a bad key or value before any work
-            try:
-                FreeConfig.preset(p.free_preset, **{**p.free_overrides(), **o})
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"--variant {name}: {e}") from None
+        check_variants(p, variants)
     except ValueError as e:
         ap.error(str(e))
     out = Path(a.out)

@@ -89,6 +89,16 @@ def table(runs: list[dict], variants: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_variants(p, variants: dict[str, dict]) -> None:
+    """Refuse a bad FreeConfig key or value of any variant (ValueError) before any work starts."""
+    from free_dfml.server.trainer import FreeConfig
+    for name, o in variants.items():
+        try:
+            FreeConfig.preset(p.free_preset, **{**p.free_overrides(), **o})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"--variant {name}: {e}") from None
+
+
 def parse_variant(text: str) -> tuple[str, dict]:
     name, sep, value = text.partition("=")
     if not sep or not name.strip():
@@ -106,7 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.jobs import Ctx, Job, run_jobs
     from benchmarks.presets import get_preset
     from benchmarks.zoos import zoo_jobs
-    from free_dfml.server.trainer import FreeConfig
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.meta_val_sweep", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,11 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.dataset:
             over["dataset"] = a.dataset
         p = get_preset(a.preset, **over)
-        for name, o in variants.items():       # refuse a bad key or value before any work
-            try:
-                FreeConfig.preset(p.free_preset, **{**p.free_overrides(), **o})
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"--variant {name}: {e}") from None
+        check_variants(p, variants)
     except ValueError as e:
         ap.error(str(e))
     out = Path(a.out)
