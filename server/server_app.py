@@ -323,9 +323,12 @@ class FreeServer:
         self.started_at = time.time()
         self.phase = "collecting"
         self._last_status = 0.0
-        self._status_lock = threading.Lock()
-        self._shut_lock = threading.Lock()
+        # re-entrant: flwr's SIGTERM handler runs shutdown() in the main thread, which may be inside
+        # write_status() or shutdown() already
+        self._status_lock = threading.RLock()
+        self._shut_lock = threading.RLock()
         self._shut = False
+        self._shut_by: int | None = None          # the thread running shutdown()
         self._shut_done = threading.Event()
         self._poll_since: float | None = None     # when the poll in progress began (None: none)
         self._last_poll_ok: float | None = None
@@ -516,12 +519,16 @@ class FreeServer:
 
     def shutdown(self) -> None:
         """Stop training, checkpoint, write the final status. Called from the main loop, flwr's exit
-        handler or the watchdog; a second caller waits for the first to finish."""
+        handler or the watchdog; a second caller in another thread waits for the first to finish (in
+        the same thread, e.g. a signal handler interrupting it, it returns at once)."""
         with self._shut_lock:
             first = not self._shut
             self._shut = True
+            if first:
+                self._shut_by = threading.get_ident()
         if not first:
-            self._shut_done.wait(self.SHUTDOWN_WAIT_S)
+            if self._shut_by != threading.get_ident():
+                self._shut_done.wait(self.SHUTDOWN_WAIT_S)
             return
         try:
             if self.phase != "finished":

@@ -477,3 +477,31 @@ def test_wire_checks_in_process(fake_dataset):
         content_to_package(shape)
     assert isinstance(good, RecordDict) and isinstance(good.array_records["model"], ArrayRecord)
     assert isinstance(good.config_records["meta"], ConfigRecord)
+
+
+def test_shutdown_from_two_threads_waits_for_the_checkpoint_and_tolerates_reentry(tmp_path, monkeypatch):
+    """The watchdog and the main loop may both call shutdown(): the second caller returns only once
+    the first has stopped training and written the final status. flwr's SIGTERM handler runs in the
+    main thread and may interrupt a shutdown() already running there: that call returns at once."""
+    import threading
+
+    from free_dfml.server.server_app import FreeServer, ServerSettings
+
+    srv = FreeServer(None, ServerSettings(state_dir=str(tmp_path / "state"), train=False))
+    stopped = threading.Event()
+
+    def slow_stop(timeout: float = 120.0) -> None:
+        time.sleep(0.5)
+        stopped.set()
+        srv.shutdown()                         # re-entry in the same thread (as from a signal handler)
+
+    monkeypatch.setattr(srv.runner, "stop", slow_stop)
+    monkeypatch.setattr(FreeServer, "SHUTDOWN_WAIT_S", 3.0)    # a re-entry that waited would show
+    first = threading.Thread(target=srv.shutdown)
+    first.start()
+    time.sleep(0.1)
+    srv.shutdown()                             # a second thread: must wait for the first
+    assert stopped.is_set()
+    assert json.loads((tmp_path / "state" / "status.json").read_text())["phase"] == "stopped"
+    first.join(5)
+    assert not first.is_alive()
