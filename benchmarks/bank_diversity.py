@@ -9,7 +9,8 @@ a ``FreeTrainer`` trains ``--iterations`` iterations on the zoo folder ``--zoo``
 ``work/zoo-main``). Then, for every bank key (one class of one teacher) holding at least two teacher
 visits of ``samples_per_class`` images, with the teacher that made them:
 
-- ``agree``: share of the images the teacher gives their class with confidence >= 0.9;
+- ``agree``: share of the images the teacher gives their class with confidence >= the preset's
+  ``recovery_confidence`` (0.9; ``benchmarks.recovery.agreement``);
 - ``feat_within`` / ``feat_across``: mean cosine distance between the teacher's penultimate features
   of two images written in the same visit / in different visits (iterations);
 - ``pix_within`` / ``pix_across``: the same with RMS pixel distance.
@@ -38,11 +39,12 @@ METRICS = ("agree", "feat_within", "feat_across", "pix_within", "pix_across")
 BANK_METRICS = ("pix_between", "colour_spread")
 
 
-def key_stats(x, teacher, input_shape, cls: int, m: int) -> dict:
+def key_stats(x, teacher, input_shape, cls: int, m: int, confidence: float = 0.9) -> dict:
     """Agreement and within- / across-visit distances of one key's images ``x`` (oldest first)."""
     import torch
     import torch.nn.functional as F
 
+    from benchmarks.recovery import agreement
     from free_dfml.server.generator import to_teacher_input
 
     feats: list = []
@@ -50,10 +52,10 @@ def key_stats(x, teacher, input_shape, cls: int, m: int) -> dict:
     hook = head.register_forward_pre_hook(lambda _mod, inp: feats.append(inp[0].detach()))
     try:
         with torch.no_grad():
-            prob = teacher(to_teacher_input(x, tuple(input_shape))).softmax(1)
+            logits = teacher(to_teacher_input(x, tuple(input_shape)))
     finally:
         hook.remove()
-    agree = ((prob.argmax(1) == cls) & (prob.max(1).values >= 0.9)).float().mean().item()
+    agree = agreement(logits, torch.full((len(x),), cls), confidence)
     n = len(x) // m * m                                 # whole visits only (the newest n images)
     f = F.normalize(feats[0].flatten(1), dim=1)[-n:]
     px = x[-n:].flatten(1)
@@ -96,7 +98,8 @@ def run_variant(args: tuple) -> dict:
     from free_dfml.server.zoo import Zoo
 
     zoo = Zoo(zoo_dir, cache_size=32)
-    cfg = method_config(get_preset(preset), "free", iterations=iterations, seed=seed, **overrides)
+    p = get_preset(preset)
+    cfg = method_config(p, "free", iterations=iterations, seed=seed, **overrides)
     trainer = FreeTrainer(zoo, cfg, device=torch.device("cpu"))
     t0 = time.perf_counter()
     trainer.run(iterations, progress=False)
@@ -107,11 +110,11 @@ def run_variant(args: tuple) -> dict:
         x = bank.images(key)
         if len(x) < 2 * m:
             continue
-        model_id = bank._model_of[key]
+        model_id = bank.model_of(key)
         meta = zoo.meta(model_id)
         label = key.rsplit(":", 1)[1]
         cls = meta.class_labels.index(label) if key.startswith("label:") else int(label)
-        rows.append(key_stats(x, zoo.teacher(model_id), meta.input_shape, cls, m))
+        rows.append(key_stats(x, zoo.teacher(model_id), meta.input_shape, cls, m, p.recovery_confidence))
         newest.append(x[-m:])
         owners.append(model_id)
     save_recovered_grid(trainer, sorted(bank.models())[:8], Path(out) / f"grid_{name}.png", per_class=6)

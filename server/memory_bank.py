@@ -130,6 +130,10 @@ class MemoryBank:
     def models(self) -> list[str]:
         return sorted(set(self._model_of.values()))
 
+    def model_of(self, key: str) -> str:
+        """The model whose images first filled ``key``."""
+        return self._model_of[key]
+
     def count(self, key: str) -> int:
         ring = self._rings.get(key)
         return 0 if ring is None else ring.size

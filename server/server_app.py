@@ -308,6 +308,7 @@ class TrainerRunner:
 
 class FreeServer:
     SHUTDOWN_WAIT_S = 150.0     # a second shutdown() caller waits this long for the first
+
     def __init__(self, grid: Grid, settings: ServerSettings, *, run_id: int | None = None):
         self.grid, self.settings, self.run_id = grid, settings, run_id
         self.state = StateDir(settings.state_dir).create()
@@ -480,11 +481,12 @@ class FreeServer:
         and honour a stop request (checkpoint, phase ``stopped``) without waiting for the poll."""
         warned = False
         while not self._shut_done.wait(min(1.0, self.settings.status_every)):
-            if not self.link()["stalled_s"]:
+            stalled = self.link()["stalled_s"]
+            if not stalled:
                 warned = False
                 continue
             if not warned:
-                LOG.warning("the SuperLink has not answered for %.0f s; training goes on", self.link()["stalled_s"])
+                LOG.warning("the SuperLink has not answered for %.0f s; training goes on", stalled)
                 warned = True
             if self.should_stop():
                 LOG.warning("stop requested while waiting on the SuperLink: stopping without it")
