@@ -145,7 +145,7 @@ def run_sim(cfg: SimConfig, *, progress: bool = True) -> dict:
     test = ds.split("test")
     learners = {"free": trainer.learner, "random": random_learner(fcfg, norm=trainer.norm)}
     try:
-        learners["average"] = average_learner([zoo.package(m) for m in zoo.ids()], fcfg)
+        learners["average"] = average_learner([zoo.package(m) for m in sorted(zoo.ids())], fcfg)
     except ValueError:
         pass     # no Conv4 group to average (e.g. an all-ResNet zoo)
     eval_log: list[dict] = []
@@ -164,7 +164,7 @@ def run_sim(cfg: SimConfig, *, progress: bool = True) -> dict:
         for e in eval_log:
             f.write(json.dumps(e) + "\n")
     plot_ok = report.save_accuracy_plot(trainer.history, out / "accuracy.png")
-    grid_ok = report.save_recovered_grid(trainer, zoo.ids(), out / "recovered.png")
+    grid_ok = report.save_recovered_grid(trainer, sorted(zoo.ids()), out / "recovered.png")
     import torch
     accepted = [s for s in subs if s.get("event") == "accepted"]
     t_free = float(sum(m.get("step_s", 0.0) for m in trainer.history))

@@ -2,8 +2,10 @@
 
 One iteration (:meth:`FreeTrainer.step`):
 
-1. sample ``min(T, len(zoo))`` teachers from ``zoo.ids()`` (models that arrived since the last
-   iteration take part at once);
+1. sample ``min(T, len(zoo))`` teachers from the zoo's ids in sorted order (models that arrived
+   since the last iteration take part at once). Sorted, not in arrival order: training is a
+   function of which models the zoo holds, so a simulation whose clients answer in another order
+   gives the same result;
 2. inversion: a FIVE step (``inversion="five"``) or a fresh generator per teacher
    (``inversion="scratch"``); ALL teachers' images go into the memory bank;
 3. after ``warmup`` iterations: L_adv in the inversion loss, BELL (when ``align``), MAML replay
@@ -202,7 +204,7 @@ class FreeTrainer:
         if cfg.norm_mean is not None and cfg.norm_std is not None:
             self.norm = (tuple(cfg.norm_mean), tuple(cfg.norm_std))
         else:
-            self.norm = zoo_normalisation([zoo.meta(m) for m in zoo.ids()], cfg.channels) or \
+            self.norm = zoo_normalisation([zoo.meta(m) for m in sorted(zoo.ids())], cfg.channels) or \
                 ((0.5,) * cfg.channels, (0.25,) * cfg.channels)
         self._build(init_rng)
 
@@ -254,7 +256,7 @@ class FreeTrainer:
 
     # -------------------------------------------------------------------------------- training
     def step(self) -> dict:
-        ids = self.zoo.ids()
+        ids = sorted(self.zoo.ids())        # not arrival order: see the module docstring
         if not ids:
             raise RuntimeError("the zoo is empty: FREE needs at least one model before it can train")
         cfg = self.cfg

@@ -355,6 +355,27 @@ def test_noalign_skips_bell_and_warmup_trains_generator_only(tiny_zoo):
     assert "bell_kl" not in m2 and m2["replay_batches"] >= 1
 
 
+def test_training_does_not_depend_on_the_order_models_arrived(tmp_path, tiny_packages):
+    """A simulation's clients answer in any order: the same models must give the same training."""
+    from free_dfml.server.zoo import Zoo
+    runs = []
+    for name, order in (("fwd", tiny_packages[:4]), ("rev", tiny_packages[:4][::-1])):
+        zoo = Zoo(tmp_path / name)
+        for p in order:
+            zoo.add(p)
+        tr = FreeTrainer(zoo, FreeConfig.preset("tiny", warmup=1, teachers_per_iter=2), device="cpu")
+        picked = []
+        for _ in range(3):
+            tr.step()
+            picked.append(sorted(tr.bank.models()))
+        runs.append((zoo.ids(), picked, tr.learner.state_dict(), tr.metagen.generator.state_dict()))
+    (ids_a, picked_a, learner_a, gen_a), (ids_b, picked_b, learner_b, gen_b) = runs
+    assert ids_a == ids_b[::-1]                      # the zoos really did receive them in other orders
+    assert picked_a == picked_b
+    assert all(torch.equal(learner_a[k], learner_b[k]) for k in learner_a)
+    assert all(torch.equal(gen_a[k], gen_b[k]) for k in gen_a)
+
+
 def test_empty_zoo_is_a_clear_error(tmp_path):
     from free_dfml.server.zoo import Zoo
     tr = FreeTrainer(Zoo(tmp_path / "z"), FreeConfig.preset("tiny"), device="cpu")
