@@ -333,6 +333,38 @@ def test_bank_diversity_measures_within_and_across_visits(tmp_path, tiny_zoo, ca
     assert not (tmp_path / "never").exists()
 
 
+def test_recovery_curve_probes_held_out_models_along_training(tmp_path, tiny_zoo, capsys):
+    from benchmarks.recovery_curve import main, summarize
+
+    # the summary: steps to 0.9 per model, a FIVE already there at step 0 counts as 1 step
+    five = [[0.95, 1.0, 1.0], [0.1, 0.5, 0.92]]
+    scratch = [[0.0, 0.2, 0.95], [0.0, 0.1, 0.3]]
+    s = summarize(five, scratch, k=1)
+    assert s["five_agree_k"] == pytest.approx(0.75) and s["scratch_agree_k"] == pytest.approx(0.15)
+    assert s["five_reached"] == 2 and s["five_steps"] == 0 and s["scratch_steps"] == 2
+    assert s["steps_ratio"] == pytest.approx(2.0)         # only model 0: scratch reached 0.9 there
+    assert summarize([[0.1]], [[0.2]], k=0)["steps_ratio"] is None
+
+    out = tmp_path / "curve"
+    main(["--zoo", str(tiny_zoo.root), "--out", str(out), "--preset", "tiny", "--heldout", "1",
+          "--iterations", "4", "--every", "2", "--workers", "0"])
+    (r,) = [json.loads(x) for x in (out / "curve.jsonl").read_text().splitlines()]
+    held = tiny_zoo.ids()[-1]
+    assert r["heldout"] == [held]
+    from free_dfml.server.zoo import Zoo
+    trained_on = Zoo(out / "work" / "zoo-base-0").ids()
+    assert held not in trained_on and sorted(trained_on) == sorted(tiny_zoo.ids()[:-1])
+    pts = r["points"]
+    assert [pt["iteration"] for pt in pts] == [0, 2, 4]
+    assert all(0 <= pt["five_agree_k"] <= 1 and 0 <= pt["saturated"] <= 1 and pt["five_ce0"] > 0 for pt in pts)
+    assert len({pt["scratch_agree_k"] for pt in pts}) == 1      # scratch does not depend on training
+    assert (out / "curve.png").stat().st_size > 0 and "| base | 0 | 4 |" in (out / "curve.md").read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["--zoo", str(tiny_zoo.root), "--out", str(tmp_path / "never"), "--heldout", "4"])
+    assert e.value.code == 2 and "--heldout must be between 1 and 3" in capsys.readouterr().err
+
+
 def test_harness_workers_exit_when_the_harness_is_killed(tmp_path):
     """A harness killed outright (SIGKILL: no cleanup runs) takes its worker processes with it."""
     import os

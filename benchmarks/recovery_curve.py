@@ -1,0 +1,222 @@
+"""Recovery along training: how FIVE's head start on held-out models changes as FREE trains.
+
+    python -m benchmarks.recovery_curve --zoo DIR --out DIR [--preset quick] [--heldout 4]
+        [--iterations 80] [--every 10] [--seeds 0,1,2] [--workers 2|0] [--variant NAME=JSON ...]
+
+The recovery section (``benchmarks.recovery``) probes one meta-generator: the one FREE holds at
+the end of training. This module asks whether that single point is representative. The last
+``--heldout`` models of the zoo folder ``--zoo`` (arrival order; for a zoo of the preset's main
+plan, e.g. a sweep's ``work/zoo-main``, these are the accuracy section's held-out models) are kept
+out; a ``FreeTrainer`` with the preset's ``free`` config (plus the variant's FreeConfig
+overrides, as in ``benchmarks.meta_val_sweep``) trains on the rest. At iteration 0 and every
+``--every`` iterations the current meta-generator runs the recovery probe
+(:func:`benchmarks.recovery.trace`: CE only, the config's Adam, ``recovery_five_steps`` steps) on
+every held-out model, with the same latents and targets at every checkpoint. The scratch
+generator's trace does not depend on training and is run once per model. Reported per checkpoint
+(mean over models): FIVE's agreement after its ``k`` inner steps, scratch's agreement after the same
+``k`` steps, the steps FIVE and scratch need to reach ``recovery_confidence``-agreement 0.9, and
+their ratio (models that reach it within the recorded steps; a FIVE already there at step 0
+counts as 1 step, as in the recovery section); and, before any adaptation, the teacher's
+cross-entropy on the meta-generator's images and the share of their pixels that are saturated
+(below 0.02 or above 0.98, where the sigmoid output passes little gradient).
+
+Writes ``DIR/curve.jsonl`` (one line per run: variant, seed, every checkpoint), ``DIR/curve.md``
+and ``DIR/curve.png`` (FIVE's k-step agreement against the iteration, one line per run, scratch's
+as a reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+TARGET = 0.9
+
+
+def probe(trainer, teachers: list, draws: list, cfg, p) -> tuple[list[list[float]], dict]:
+    """FIVE's agreement curve on every held-out teacher from the trainer's current meta-generator,
+    and what its images look like before adapting: the share of saturated pixels (outside
+    [0.02, 0.98]) and the teacher's cross-entropy at step 0."""
+    import torch
+    from torch.func import functional_call
+
+    from benchmarks.recovery import trace
+    gen = trainer.metagen.generator
+    phi = trainer.metagen.params()
+    curves, ce0, sat = [], [], []
+    for t, (y, z, _) in zip(teachers, draws):
+        tr = trace(t, gen, phi, z, y, steps=p.recovery_five_steps, cfg=cfg,
+                   confidence=p.recovery_confidence, device="cpu")
+        curves.append(tr["agreement"])
+        ce0.append(tr["ce"][0])
+        with torch.no_grad():
+            x = functional_call(gen, phi, (z,))
+        sat.append(float(((x < 0.02) | (x > 0.98)).float().mean()))
+    return curves, {"five_ce0": sum(ce0) / len(ce0), "saturated": sum(sat) / len(sat)}
+
+
+def summarize(five: list[list[float]], scratch: list[list[float]], k: int) -> dict:
+    from benchmarks.recovery import first_reach
+    f_steps = [first_reach(c, TARGET) for c in five]
+    s_steps = [first_reach(c, TARGET) for c in scratch]
+    both = [(f, s) for f, s in zip(f_steps, s_steps) if f is not None and s is not None]
+    mean = (lambda xs: sum(xs) / len(xs) if xs else None)
+    return {
+        "five_agree_k": mean([c[min(k, len(c) - 1)] for c in five]),
+        "scratch_agree_k": mean([c[min(k, len(c) - 1)] for c in scratch]),
+        "five_reached": sum(f is not None for f in f_steps),
+        "five_steps": mean([f for f, _ in both]),
+        "scratch_steps": mean([s for _, s in both]),
+        "steps_ratio": (mean([s for _, s in both]) / mean([max(1, f) for f, _ in both])) if both else None,
+    }
+
+
+def run(args: tuple) -> dict:
+    name, overrides, zoo_dir, heldout, preset, iterations, every, seed, work = args
+    import torch
+    torch.set_num_threads(1)
+
+    from benchmarks.accuracy import method_config
+    from benchmarks.presets import get_preset
+    from benchmarks.recovery import trace
+    from free_dfml.server.meta_generator import Teacher, class_targets, new_generator, sample_latents
+    from free_dfml.server.trainer import FreeTrainer
+    from free_dfml.server.zoo import Zoo
+
+    p = get_preset(preset)
+    src = Zoo(zoo_dir)
+    ids = src.ids()
+    train_ids, held_ids = ids[: len(ids) - heldout], ids[len(ids) - heldout:]
+    zoo = Zoo(Path(work) / f"zoo-{name}-{seed}", cache_size=32)
+    for m in train_ids:
+        zoo.add(src.package(m))
+    cfg = method_config(p, "free", iterations=iterations, seed=seed, **overrides)
+    trainer = FreeTrainer(zoo, cfg, device=torch.device("cpu"))
+    teachers, draws, scratch = [], [], []
+    for i, mid in enumerate(held_ids):        # latents, targets and scratch generator as in recovery.run
+        meta = src.meta(mid)
+        t = Teacher(src.teacher(mid, "cpu"), tuple(meta.input_shape), meta.num_classes, mid)
+        rng = torch.Generator().manual_seed(p.seed * 1000 + 17 + i)
+        y = class_targets(meta.num_classes, cfg.samples_per_class, "cpu")
+        z = sample_latents(len(y), cfg.nz, rng, "cpu")
+        fresh = new_generator(cfg.nz, cfg.ngf, cfg.image_size, cfg.channels, rng, "cpu")
+        teachers.append(t)
+        draws.append((y, z, fresh))
+        scratch.append(trace(t, fresh, dict(fresh.named_parameters()), z, y,
+                             steps=p.recovery_scratch_steps, cfg=cfg,
+                             confidence=p.recovery_confidence, device="cpu")["agreement"])
+    points = []
+    t0 = time.perf_counter()
+    for stop in sorted({0, iterations, *range(every, iterations, every)}):
+        trainer.run(stop, progress=False)
+        five, looks = probe(trainer, teachers, draws, cfg, p)
+        points.append({"iteration": stop, **summarize(five, scratch, cfg.inner_steps), **looks})
+        print(f"[recovery-curve] {name} seed {seed} iteration {stop}: FIVE agreement after "
+              f"{cfg.inner_steps} steps {points[-1]['five_agree_k']:.3f}, saturated pixels at step 0 "
+              f"{looks['saturated']:.3f}", flush=True)
+    return {"variant": name, "overrides": overrides, "seed": seed, "k": cfg.inner_steps,
+            "heldout": held_ids, "points": points, "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def table(runs: list[dict]) -> str:
+    head = ["variant", "seed", "iteration", "FIVE agreement after k", "scratch agreement after k",
+            "FIVE steps to 0.9", "scratch steps to 0.9", "steps ratio", "models FIVE reached 0.9",
+            "FIVE CE at step 0", "saturated pixels at step 0"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    fmt = (lambda v, d=3: "-" if v is None else f"{v:.{d}f}")
+    for r in runs:
+        for pt in r["points"]:
+            lines.append("| " + " | ".join([
+                r["variant"], str(r["seed"]), str(pt["iteration"]), fmt(pt["five_agree_k"]),
+                fmt(pt["scratch_agree_k"]), fmt(pt["five_steps"], 1), fmt(pt["scratch_steps"], 1),
+                fmt(pt["steps_ratio"], 2), f"{pt['five_reached']}/{len(r['heldout'])}",
+                fmt(pt["five_ce0"], 2), fmt(pt["saturated"])]) + " |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], path: Path) -> bool:
+    if not runs:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in runs:
+        xs = [pt["iteration"] for pt in r["points"]]
+        ax.plot(xs, [pt["five_agree_k"] for pt in r["points"]], marker="o",
+                label=f"FIVE, {r['variant']}, seed {r['seed']}")
+    ref = runs[0]["points"][0]["scratch_agree_k"]
+    ax.axhline(ref, color="grey", ls="--", label=f"scratch after {runs[0]['k']} steps")
+    ax.set_xlabel("FREE iteration")
+    ax.set_ylabel(f"agreement after k = {runs[0]['k']} steps")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7)
+    ax.set_title("held-out models: agreement (confidence >= 0.9) after k steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.recovery_curve",
+                                 description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--zoo", required=True, help="a zoo folder; its last --heldout models are held out")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--preset", default="quick")
+    ap.add_argument("--heldout", type=int, default=4, help="models held out (the zoo's last, arrival order)")
+    ap.add_argument("--iterations", type=int, default=80)
+    ap.add_argument("--every", type=int, default=10, help="probe every N iterations (and at 0 and the end)")
+    ap.add_argument("--seeds", default="0", help="comma-separated FREE training seeds")
+    ap.add_argument("--workers", type=int, default=2, help="processes, one run each (0: in this one)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                    help="FreeConfig overrides (default: base={})")
+    a = ap.parse_args(argv)
+    from benchmarks.meta_val_sweep import check_variants, parse_variant
+    from benchmarks.presets import get_preset
+    try:
+        if not (Path(a.zoo) / "models").is_dir():
+            raise ValueError(f"no zoo at {a.zoo} (expected a models/ folder)")
+        if a.iterations < 1 or a.every < 1:
+            raise ValueError("--iterations and --every must be >= 1")
+        from free_dfml.server.zoo import Zoo
+        n = len(Zoo(a.zoo).ids())
+        if not 1 <= a.heldout < n:
+            raise ValueError(f"--heldout must be between 1 and {n - 1} for a zoo of {n} models")
+        seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+        if not seeds:
+            raise ValueError("--seeds is empty")
+        p = get_preset(a.preset)
+        variants = dict(parse_variant(v) for v in a.variant) or {"base": {}}
+        check_variants(p, variants)
+    except ValueError as e:
+        ap.error(str(e))
+    out = Path(a.out)
+    (out / "work").mkdir(parents=True, exist_ok=True)
+    jobs = [(n, o, a.zoo, a.heldout, a.preset, a.iterations, a.every, s, str(out / "work"))
+            for n, o in variants.items() for s in seeds]
+    if a.workers < 1:
+        runs = [run(j) for j in jobs]
+    else:
+        with ProcessPoolExecutor(min(a.workers, len(jobs))) as ex:
+            runs = list(ex.map(run, jobs))
+    with open(out / "curve.jsonl", "a") as f:
+        for r in runs:
+            f.write(json.dumps(r) + "\n")
+    cmd = "python -m benchmarks.recovery_curve " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
+    md = (f"# recovery along training, preset `{a.preset}`\n\n- command: `{cmd}`\n- held-out models: "
+          f"{a.heldout}; agreement = share of images the teacher gives their target with confidence "
+          f">= {get_preset(a.preset).recovery_confidence}\n\n" + table(runs) + "\n")
+    (out / "curve.md").write_text(md)
+    plot(runs, out / "curve.png")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
