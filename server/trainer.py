@@ -168,8 +168,9 @@ class FreeConfig:
         """``paper``: the published settings. ``quick``: a CPU run of minutes. ``tiny``: tests (seconds)."""
         presets: dict[str, dict[str, Any]] = {
             "paper": {},
-            # inner_lr 0.1: chosen on glyph meta-val (see docs/algorithm.md, "Inner learning rate")
-            "quick": dict(ngf=16, nz=64, samples_per_class=10, warmup=5, iterations=60,
+            # inner_lr 0.1 and gen_lr 1e-2: chosen on glyph meta-val (docs/algorithm.md, "Inner
+            # learning rate" and "A larger FIVE inner step")
+            "quick": dict(ngf=16, nz=64, samples_per_class=10, warmup=5, iterations=60, gen_lr=1e-2,
                           max_replay_batches=10, patience=5, meta_batch=4, replay_query=5,
                           replay_augment="color",
                           bank_capacity=100, learner_width=32, checkpoint_every=20, inner_lr=0.1),
