@@ -151,6 +151,8 @@ def _float64_check(p, cfg, device, engine: str = "auto") -> dict:
                                 channels=cfg.channels, rng=torch.Generator().manual_seed(p.seed)).to(device)
         mgs = [MetaGenerator(nz=cfg.nz, ngf=cfg.ngf, image_size=cfg.image_size, channels=cfg.channels,
                              inner_steps=cfg.inner_steps, samples_per_class=min(4, cfg.samples_per_class),
+                             inner_lr=cfg.gen_lr, z_lr=cfg.z_lr, meta_lr=cfg.gen_meta_lr,
+                             betas=tuple(cfg.gen_betas),
                              rng=torch.Generator().manual_seed(p.seed + 1), device=device) for _ in range(2)]
         a = mgs[0].step(teachers, lambda_adv=1.0, student=MetaLearner(learner, device=device).student())
         b = five_step(mgs[1], teachers, lambda_adv=1.0, student_model=learner, engine=engine)
