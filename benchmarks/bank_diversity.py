@@ -28,12 +28,10 @@ Means over keys go to ``DIR/diversity.jsonl`` (one line per variant) and ``DIR/d
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
-import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+from benchmarks.common import append_jsonl, command_line, map_jobs
 
 METRICS = ("agree", "feat_within", "feat_across", "pix_within", "pix_across")
 BANK_METRICS = ("pix_between", "colour_spread")
@@ -161,15 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(n, o, a.zoo, a.preset, a.iterations, a.seed, str(out)) for n, o in variants.items()]
-    if a.workers < 1:
-        rows = [run_variant(j) for j in jobs]
-    else:
-        with ProcessPoolExecutor(min(a.workers, len(jobs))) as ex:
-            rows = list(ex.map(run_variant, jobs))
-    with open(out / "diversity.jsonl", "a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    cmd = "python -m benchmarks.bank_diversity " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
+    rows = map_jobs(run_variant, jobs, a.workers)
+    append_jsonl(out / "diversity.jsonl", rows)
+    cmd = command_line("benchmarks.bank_diversity", argv)
     (out / "diversity.md").write_text(f"# memory-bank diversity, preset `{a.preset}`\n\n- command: `{cmd}`\n\n"
                                       + table(rows) + "\n")
     print(table(rows))

@@ -246,3 +246,27 @@ def evaluate_learner(learner, test, *, way: int, shots: Sequence[int], episodes:
 def set_threads(n: int | None) -> None:
     if n:
         torch.set_num_threads(int(n))
+
+
+def map_jobs(fn, jobs: list, workers: int) -> list:
+    """``fn`` over ``jobs``, in this process (``workers`` < 1) or in a pool of that many processes
+    (``fn`` must be a module-level function; results in the order of ``jobs``)."""
+    if workers < 1:
+        return [fn(j) for j in jobs]
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(min(workers, len(jobs))) as ex:
+        return list(ex.map(fn, jobs))
+
+
+def append_jsonl(path: Path | str, rows: Sequence[dict]) -> None:
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def command_line(module: str, argv: Sequence[str] | None) -> str:
+    """The command a report records: ``python -m module`` and the arguments, shell-quoted."""
+    import shlex
+    import sys
+    args = sys.argv[1:] if argv is None else argv
+    return f"python -m {module} " + " ".join(shlex.quote(x) for x in args)

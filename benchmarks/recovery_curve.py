@@ -28,12 +28,10 @@ as a reference).
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
-import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+from benchmarks.common import append_jsonl, command_line, map_jobs
 
 TARGET = 0.9
 
@@ -201,15 +199,9 @@ def main(argv: list[str] | None = None) -> None:
     (out / "work").mkdir(parents=True, exist_ok=True)
     jobs = [(n, o, a.zoo, a.heldout, a.preset, a.iterations, a.every, s, str(out / "work"))
             for n, o in variants.items() for s in seeds]
-    if a.workers < 1:
-        runs = [run(j) for j in jobs]
-    else:
-        with ProcessPoolExecutor(min(a.workers, len(jobs))) as ex:
-            runs = list(ex.map(run, jobs))
-    with open(out / "curve.jsonl", "a") as f:
-        for r in runs:
-            f.write(json.dumps(r) + "\n")
-    cmd = "python -m benchmarks.recovery_curve " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
+    runs = map_jobs(run, jobs, a.workers)
+    append_jsonl(out / "curve.jsonl", runs)
+    cmd = command_line("benchmarks.recovery_curve", argv)
     md = (f"# recovery along training, preset `{a.preset}`\n\n- command: `{cmd}`\n- held-out models: "
           f"{a.heldout}; agreement = share of images the teacher gives their target with confidence "
           f">= {get_preset(a.preset).recovery_confidence}\n\n" + table(runs) + "\n")
