@@ -108,7 +108,7 @@ def run_method(ctx: Ctx, deps: dict, *, method: str, zoo_job: str = "zoo:main",
         learner = random_learner(cfg, norm=norm).to(device)
         track(0, learner)
     elif method == "average":
-        learner = average_learner([zoo.package(m) for m in sorted(zoo.ids())], cfg).to(device)
+        learner = average_learner([zoo.package(m) for m in zoo.ids()], cfg).to(device)
         track(0, learner)
     elif method in ("free", "free-noalign", "scratch"):
         from free_dfml.server.trainer import FreeTrainer

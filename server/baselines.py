@@ -46,7 +46,9 @@ def average_group(packages: Sequence[ModelPackage], *, image_size: int, channels
 
 
 def average_learner(packages: Sequence[ModelPackage], cfg, *, seed: int | None = None) -> Normalized:
-    """Average of the feature layers of the largest compatible Conv4 group; fresh ``way``-way head."""
+    """Average of the feature layers of the largest compatible Conv4 group; fresh ``way``-way head.
+    A function of the set of packages: they are taken in model-id order, whatever order they come in."""
+    packages = sorted(packages, key=lambda p: p.model_id)
     group = average_group(packages, image_size=cfg.image_size, channels=cfg.channels)
     if not group:
         raise ValueError("no Conv4 model in the zoo matches the meta-learner's input shape; "

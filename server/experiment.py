@@ -149,7 +149,7 @@ def run_experiment(cfg: ExperimentConfig, dataset=None) -> dict:
     if "random" in cfg.methods:
         learners["random"] = random_learner(fcfg, norm=trainer.norm).to(device)
     if "average" in cfg.methods:
-        learners["average"] = average_learner([zoo.package(m) for m in sorted(zoo.ids())], fcfg).to(device)
+        learners["average"] = average_learner([zoo.package(m) for m in zoo.ids()], fcfg).to(device)
     results = report.evaluate_methods(
         learners, test, way=fcfg.way, shots=tuple(cfg.eval_shots), episodes=cfg.eval_episodes,
         steps=fcfg.eval_steps, lr=fcfg.inner_lr, seed=cfg.eval_seed, device=device,

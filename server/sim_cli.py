@@ -145,7 +145,7 @@ def run_sim(cfg: SimConfig, *, progress: bool = True) -> dict:
     test = ds.split("test")
     learners = {"free": trainer.learner, "random": random_learner(fcfg, norm=trainer.norm)}
     try:
-        learners["average"] = average_learner([zoo.package(m) for m in sorted(zoo.ids())], fcfg)
+        learners["average"] = average_learner([zoo.package(m) for m in zoo.ids()], fcfg)
     except ValueError:
         pass     # no Conv4 group to average (e.g. an all-ResNet zoo)
     eval_log: list[dict] = []

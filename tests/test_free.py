@@ -376,6 +376,17 @@ def test_training_does_not_depend_on_the_order_models_arrived(tmp_path, tiny_pac
     assert all(torch.equal(gen_a[k], gen_b[k]) for k in gen_a)
 
 
+def test_average_baseline_is_the_mean_whatever_the_order(tiny_packages):
+    from free_dfml.server.baselines import average_learner
+    cfg = FreeConfig.preset("tiny", learner_width=8)
+    fwd = average_learner(tiny_packages[:4], cfg).model.state_dict()
+    rev = average_learner(tiny_packages[:4][::-1], cfg).model.state_dict()
+    assert all(torch.equal(fwd[k], rev[k]) for k in fwd)
+    k = next(k for k in fwd if k.endswith("weight") and fwd[k].dim() == 4)     # the first conv
+    mean = torch.stack([p.state[k] for p in tiny_packages[:4]]).mean(0)
+    assert torch.allclose(fwd[k], mean, atol=1e-6)
+
+
 def test_empty_zoo_is_a_clear_error(tmp_path):
     from free_dfml.server.zoo import Zoo
     tr = FreeTrainer(Zoo(tmp_path / "z"), FreeConfig.preset("tiny"), device="cpu")
