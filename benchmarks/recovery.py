@@ -71,11 +71,23 @@ def first_reach(curve: list[float], target: float) -> int | None:
     return None
 
 
+def held_out_probe(zoo, model_id: str, index: int, cfg, seed: int, device):
+    """What the probe uses for the ``index``-th held-out model: (teacher, targets, latents, a fresh
+    generator), the latents and generator drawn from a generator seeded by ``seed`` and ``index``."""
+    from free_dfml.server.meta_generator import Teacher, class_targets, new_generator, sample_latents
+    meta = zoo.meta(model_id)
+    teacher = Teacher(zoo.teacher(model_id, device), tuple(meta.input_shape), meta.num_classes, model_id)
+    rng = torch.Generator().manual_seed(seed * 1000 + 17 + index)
+    y = class_targets(meta.num_classes, cfg.samples_per_class, device)
+    z = sample_latents(len(y), cfg.nz, rng, device)
+    fresh = new_generator(cfg.nz, cfg.ngf, cfg.image_size, cfg.channels, rng, device)
+    return teacher, y, z, fresh
+
+
 def run(ctx: Ctx, deps: dict) -> dict:
     from safetensors.torch import load_file
 
     from free_dfml.server.generator import Generator
-    from free_dfml.server.meta_generator import Teacher, class_targets, new_generator, sample_latents
     from free_dfml.server.trainer import FreeConfig
     from free_dfml.server.zoo import Zoo
 
@@ -93,12 +105,7 @@ def run(ctx: Ctx, deps: dict) -> dict:
     k = cfg.inner_steps
     models = []
     for i, mid in enumerate(ids):
-        meta = held.meta(mid)
-        teacher = Teacher(held.teacher(mid, device), tuple(meta.input_shape), meta.num_classes, mid)
-        rng = torch.Generator().manual_seed(p.seed * 1000 + 17 + i)
-        y = class_targets(meta.num_classes, cfg.samples_per_class, device)
-        z = sample_latents(len(y), cfg.nz, rng, device)
-        fresh = new_generator(cfg.nz, cfg.ngf, cfg.image_size, cfg.channels, rng, device)
+        teacher, y, z, fresh = held_out_probe(held, mid, i, cfg, p.seed, device)
         five = trace(teacher, meta_gen, phi, z, y, steps=p.recovery_five_steps, cfg=cfg,
                      confidence=p.recovery_confidence, device=device)
         scratch = trace(teacher, fresh, dict(fresh.named_parameters()), z, y,

@@ -47,7 +47,7 @@ def probe(trainer, teachers: list, draws: list, cfg, p) -> tuple[list[list[float
     gen = trainer.metagen.generator
     phi = trainer.metagen.params()
     curves, ce0, sat = [], [], []
-    for t, (y, z, _) in zip(teachers, draws):
+    for t, (y, z) in zip(teachers, draws):
         tr = trace(t, gen, phi, z, y, steps=p.recovery_five_steps, cfg=cfg,
                    confidence=p.recovery_confidence, device="cpu")
         curves.append(tr["agreement"])
@@ -59,18 +59,17 @@ def probe(trainer, teachers: list, draws: list, cfg, p) -> tuple[list[list[float
 
 
 def summarize(five: list[list[float]], scratch: list[list[float]], k: int) -> dict:
-    from benchmarks.recovery import first_reach
+    from benchmarks.recovery import _mean, _ratio, first_reach     # the recovery section's arithmetic
     f_steps = [first_reach(c, TARGET) for c in five]
     s_steps = [first_reach(c, TARGET) for c in scratch]
     both = [(f, s) for f, s in zip(f_steps, s_steps) if f is not None and s is not None]
-    mean = (lambda xs: sum(xs) / len(xs) if xs else None)
     return {
-        "five_agree_k": mean([c[min(k, len(c) - 1)] for c in five]),
-        "scratch_agree_k": mean([c[min(k, len(c) - 1)] for c in scratch]),
+        "five_agree_k": _mean([c[min(k, len(c) - 1)] for c in five]),
+        "scratch_agree_k": _mean([c[min(k, len(c) - 1)] for c in scratch]),
         "five_reached": sum(f is not None for f in f_steps),
-        "five_steps": mean([f for f, _ in both]),
-        "scratch_steps": mean([s for _, s in both]),
-        "steps_ratio": (mean([s for _, s in both]) / mean([max(1, f) for f, _ in both])) if both else None,
+        "five_steps": _mean([f for f, _ in both]),
+        "scratch_steps": _mean([s for _, s in both]),
+        "steps_ratio": _ratio([s for _, s in both], [max(1, f) for f, _ in both]),
     }
 
 
@@ -81,8 +80,7 @@ def run(args: tuple) -> dict:
 
     from benchmarks.accuracy import method_config
     from benchmarks.presets import get_preset
-    from benchmarks.recovery import trace
-    from free_dfml.server.meta_generator import Teacher, class_targets, new_generator, sample_latents
+    from benchmarks.recovery import held_out_probe, trace
     from free_dfml.server.trainer import FreeTrainer
     from free_dfml.server.zoo import Zoo
 
@@ -97,14 +95,9 @@ def run(args: tuple) -> dict:
     trainer = FreeTrainer(zoo, cfg, device=torch.device("cpu"))
     teachers, draws, scratch = [], [], []
     for i, mid in enumerate(held_ids):        # latents, targets and scratch generator as in recovery.run
-        meta = src.meta(mid)
-        t = Teacher(src.teacher(mid, "cpu"), tuple(meta.input_shape), meta.num_classes, mid)
-        rng = torch.Generator().manual_seed(p.seed * 1000 + 17 + i)
-        y = class_targets(meta.num_classes, cfg.samples_per_class, "cpu")
-        z = sample_latents(len(y), cfg.nz, rng, "cpu")
-        fresh = new_generator(cfg.nz, cfg.ngf, cfg.image_size, cfg.channels, rng, "cpu")
+        t, y, z, fresh = held_out_probe(src, mid, i, cfg, p.seed, "cpu")
         teachers.append(t)
-        draws.append((y, z, fresh))
+        draws.append((y, z))
         scratch.append(trace(t, fresh, dict(fresh.named_parameters()), z, y,
                              steps=p.recovery_scratch_steps, cfg=cfg,
                              confidence=p.recovery_confidence, device="cpu")["agreement"])
