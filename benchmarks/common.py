@@ -253,8 +253,10 @@ def map_jobs(fn, jobs: list, workers: int) -> list:
     (``fn`` must be a module-level function; results in the order of ``jobs``)."""
     if workers < 1:
         return [fn(j) for j in jobs]
+    import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
-    with ProcessPoolExecutor(min(workers, len(jobs))) as ex:
+    # spawned, as benchmarks.jobs does: a forked child cannot use CUDA once its parent has
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as ex:
         return list(ex.map(fn, jobs))
 
 

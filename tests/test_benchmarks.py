@@ -360,10 +360,40 @@ def test_recovery_curve_probes_held_out_models_along_training(tmp_path, tiny_zoo
     assert all(0 <= pt["five_agree_k"] <= 1 and 0 <= pt["saturated"] <= 1 and pt["five_ce0"] > 0 for pt in pts)
     assert len({pt["scratch_agree_k"] for pt in pts}) == 1      # scratch does not depend on training
     assert (out / "curve.png").stat().st_size > 0 and "| base | 0 | 4 |" in (out / "curve.md").read_text()
+    assert r["scratch_reach"]["0.9"] == [None if not any(a >= 0.9 for a in r["scratch_final"]) else
+                                         r["scratch_reach"]["0.9"][0]]
+    assert "## A fresh generator alone" in (out / "curve.md").read_text()
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         main(["--zoo", str(tiny_zoo.root), "--out", str(tmp_path / "never"), "--heldout", "4"])
     assert e.value.code == 2 and "--heldout must be between 1 and 3" in capsys.readouterr().err
+
+
+def test_recovery_curve_trains_the_presets_zoo_when_none_is_given(tmp_path, capsys):
+    """Without --zoo the preset's main plan is trained into OUT/work/zoo-main (clients, then the
+    held-out ones), its last heldout_clients models are held out, and a second run reuses it."""
+    from benchmarks.presets import get_preset
+    from benchmarks.recovery_curve import main
+    from benchmarks.zoos import main_plan
+    from free_dfml.server.zoo import Zoo
+
+    out = tmp_path / "curve"
+    args = ["--out", str(out), "--preset", "tiny", "--set", "dataset=synthetic", "--set", "clients=3",
+            "--iterations", "1", "--every", "1", "--workers", "0"]
+    main(args)
+    zoo = Zoo(out / "work" / "zoo-main")
+    ids = zoo.ids()
+    assert len(ids) == 3 + 2
+    plan = main_plan(get_preset("tiny", dataset="synthetic", clients=3))
+    assert [zoo.meta(m).training["seed"] for m in ids] == [s.seed for s in plan]    # plan order
+    (r,) = [json.loads(x) for x in (out / "curve.jsonl").read_text().splitlines()]
+    assert r["heldout"] == ids[-2:] and r["device"] == "cpu"
+    assert set(r["scratch_reach"]) == {"0.5", "0.8", "0.9"} and all(len(v) == 2 for v in r["scratch_reach"].values())
+    capsys.readouterr()
+    main(args)
+    assert "reusing the 5-model zoo" in capsys.readouterr().out
+    assert Zoo(out / "work" / "zoo-main").ids() == ids
+    assert len((out / "curve.jsonl").read_text().splitlines()) == 2
 
 
 def test_harness_workers_exit_when_the_harness_is_killed(tmp_path):
