@@ -122,9 +122,10 @@ def run(args: tuple) -> dict:
         five, looks = probe(trainer, teachers, draws, cfg, p, device)
         points.append({"iteration": stop, **summarize(five, scratch, cfg.inner_steps), **looks})
         pt = points[-1]
+        r2 = {k: None if pt[k] is None else round(pt[k], 2) for k in ("five_steps", "scratch_steps", "steps_ratio")}
         print(f"[recovery-curve] {name} seed {seed} iteration {stop}: FIVE agreement after "
               f"{cfg.inner_steps} steps {pt['five_agree_k']:.3f} (scratch {pt['scratch_agree_k']:.3f}); "
-              f"steps to 0.9 FIVE {pt['five_steps']} scratch {pt['scratch_steps']} ratio {pt['steps_ratio']} "
+              f"steps to 0.9 FIVE {r2['five_steps']} scratch {r2['scratch_steps']} ratio {r2['steps_ratio']} "
               f"on {pt['five_reached']}/{len(held_ids)} models; saturated pixels at step 0 "
               f"{looks['saturated']:.3f}; {time.perf_counter() - t0:.0f} s", flush=True)
     return {"variant": name, "overrides": overrides, "seed": seed, "k": cfg.inner_steps,
