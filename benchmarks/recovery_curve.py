@@ -277,7 +277,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{heldout}; agreement = share of images the teacher gives their target with confidence "
           f">= {p.recovery_confidence}\n- generator nz {sz['nz']}, ngf {sz['ngf']}, "
           f"{sz['samples_per_class']} images a class; gen_lr {sz['gen_lr']}, z_lr {sz['z_lr']}; "
-          f"device {dev}\n\n" + table(runs) + "\n\n## A fresh generator alone\n\n" + scratch_table(runs) + "\n")
+          f"device {dev}\n- the probe's latents, targets and fresh generators are drawn from the preset's seed "
+          f"{p.seed}; the `seed` column is FREE's training seed\n\n" + table(runs) + "\n\n## A fresh generator alone\n\n" + scratch_table(runs) + "\n")
     (out / "curve.md").write_text(md)
     plot(runs, out / "curve.png")
     print(md)
