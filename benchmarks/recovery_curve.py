@@ -154,19 +154,19 @@ def table(runs: list[dict]) -> str:
 
 def scratch_table(runs: list[dict]) -> str:
     """Markdown: per held-out model, the steps a fresh generator needs to reach each agreement on its
-    own ("-": not within the recorded steps). The scratch trace depends on the seed only through
-    FREE's config, so one row per model and run seed."""
-    head = ["seed", "model", *(f"scratch steps to {t}" for t in REACH), "scratch agreement at the last step"]
+    own ("-": not within the recorded steps). The scratch trace depends on the variant's FreeConfig
+    (its Adam steps), not on FREE's training seed, so one row per variant and model."""
+    head = ["variant", "model", *(f"scratch steps to {t}" for t in REACH), "scratch agreement at the last step"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     done = set()
     for r in runs:
         for i, mid in enumerate(r["heldout"]):
-            if (r["seed"], mid) in done:
+            if (r["variant"], mid) in done:
                 continue
-            done.add((r["seed"], mid))
+            done.add((r["variant"], mid))
             steps = ["-" if r["scratch_reach"][str(t)][i] is None else str(r["scratch_reach"][str(t)][i])
                      for t in REACH]
-            lines.append(f"| {r['seed']} | {mid[:12]} | " + " | ".join(steps)
+            lines.append(f"| {r['variant']} | {mid[:12]} | " + " | ".join(steps)
                          + f" | {r['scratch_final'][i]:.3f} (step {r['scratch_steps_max']}) |")
     return "\n".join(lines)
 

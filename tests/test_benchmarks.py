@@ -362,7 +362,8 @@ def test_recovery_curve_probes_held_out_models_along_training(tmp_path, tiny_zoo
     assert (out / "curve.png").stat().st_size > 0 and "| base | 0 | 4 |" in (out / "curve.md").read_text()
     assert r["scratch_reach"]["0.9"] == [None if not any(a >= 0.9 for a in r["scratch_final"]) else
                                          r["scratch_reach"]["0.9"][0]]
-    assert "## A fresh generator alone" in (out / "curve.md").read_text()
+    md = (out / "curve.md").read_text()
+    assert "## A fresh generator alone" in md and f"| base | {held[:12]} |" in md
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         main(["--zoo", str(tiny_zoo.root), "--out", str(tmp_path / "never"), "--heldout", "4"])
