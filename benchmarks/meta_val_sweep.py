@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import time
 from pathlib import Path
+
+from benchmarks.common import append_jsonl, command_line
 
 VAL_SEED = 7
 
@@ -154,12 +154,10 @@ def main(argv: list[str] | None = None) -> int:
                              "every": a.every, "episodes": a.episodes}, deps=("zoo:main",)))
     outcomes = run_jobs(jobs, ctx, workers=p.workers, threads=p.threads_per_worker)
     runs = [o.result for k, o in outcomes.items() if k.startswith("sweep:") and o.ok]
-    with open(out / "sweep.jsonl", "a") as f:
-        for r in runs:
-            f.write(json.dumps(r) + "\n")
+    append_jsonl(out / "sweep.jsonl", runs)
     zoo = outcomes["zoo:main"].result if outcomes["zoo:main"].ok else {}
-    command = " ".join(shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
-    md = (f"# meta-val sweep, preset `{a.preset}`\n\n- command: `python -m benchmarks.meta_val_sweep {command}`\n- zoo: {len(zoo.get('reports', []))} models, mean "
+    command = command_line("benchmarks.meta_val_sweep", argv)
+    md = (f"# meta-val sweep, preset `{a.preset}`\n\n- command: `{command}`\n- zoo: {len(zoo.get('reports', []))} models, mean "
           f"client held-out accuracy {zoo.get('mean_holdout_accuracy', float('nan')):.3f}\n"
           f"- 5-way 1-shot meta-val accuracy (%), {a.episodes} episodes (seed {VAL_SEED}), mean ± 95% interval\n\n"
           + table(runs, list(variants)))

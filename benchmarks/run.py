@@ -21,9 +21,7 @@ import argparse
 import datetime as _dt
 import importlib
 import json
-import shlex
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -167,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         check_sections(only, get_preset(a.preset, **over))
     except ValueError as e:
         ap.error(str(e))
-    cmd = "python -m benchmarks.run " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+    from benchmarks.common import command_line
+    cmd = command_line("benchmarks.run", argv)
     doc = run(a.preset, out=a.out, device=a.device, only=only, workers=a.workers, keep_work=a.keep_work,
               command=cmd, **over)
     return 0 if not doc["job_errors"] else 1

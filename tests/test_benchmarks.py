@@ -360,8 +360,11 @@ def test_recovery_curve_probes_held_out_models_along_training(tmp_path, tiny_zoo
     assert all(0 <= pt["five_agree_k"] <= 1 and 0 <= pt["saturated"] <= 1 and pt["five_ce0"] > 0 for pt in pts)
     assert len({pt["scratch_agree_k"] for pt in pts}) == 1      # scratch does not depend on training
     assert (out / "curve.png").stat().st_size > 0 and "| base | 0 | 4 |" in (out / "curve.md").read_text()
-    assert r["scratch_reach"]["0.9"] == [None if not any(a >= 0.9 for a in r["scratch_final"]) else
-                                         r["scratch_reach"]["0.9"][0]]
+    reach = r["scratch_reach"]
+    for i, final in enumerate(r["scratch_final"]):     # a higher agreement is never reached sooner
+        steps = [reach[t][i] for t in ("0.5", "0.8", "0.9")]
+        assert all(a is not None and (b is None or a <= b) for a, b in zip(steps, steps[1:]) if b is not None)
+        assert final < 0.9 or steps[2] is not None     # ended at 0.9 or above: it reached 0.9 on the way
     md = (out / "curve.md").read_text()
     assert "## A fresh generator alone" in md and f"| base | {held[:12]} |" in md
     capsys.readouterr()
