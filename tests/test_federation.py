@@ -421,7 +421,8 @@ def test_free_sim_four_clients(tmp_path):
     out = tmp_path / "sim"
     t0 = time.time()
     r = run(BIN / "free-sim", "run", "--clients", "4", "--preset", "tiny", "--iterations", "2", "--episodes", "3",
-            "--out", out, timeout=420)
+            "--out", out, timeout=900)   # a bound on a hang, not a speed check (it once ran past 420 s
+    # on two cores shared with a benchmark)
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("metrics.jsonl", "results.json", "results.md", "accuracy.png", "recovered.png"):
         assert (out / name).is_file(), name
