@@ -29,7 +29,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench-quick: $(STAMP)
-	$(BIN)/python -m benchmarks.run --preset quick --out benchmarks/results/quick
+	$(BIN)/python -m benchmarks.run --preset quick --out runs/bench/quick
 
 clean-venv:
 	rm -rf $(VENV)

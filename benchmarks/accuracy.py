@@ -24,10 +24,19 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from benchmarks.common import evaluate_learner, open_data, sync
 from benchmarks.jobs import Ctx, Job
 from benchmarks.presets import METHODS
+from benchmarks.zoos import main_zoo_jobs
+from free_dfml.common.datasets import to_float
+from free_dfml.common.episodes import EpisodeSampler
+from free_dfml.common.evaluation import evaluate
+from free_dfml.server.baselines import average_learner, random_learner
+from free_dfml.server.meta_learner import MetaLearner, zoo_normalisation
+from free_dfml.server.trainer import FreeConfig, FreeTrainer
+from free_dfml.server.zoo import Zoo
 
 LABELS = {
     "random": "random init",
@@ -40,7 +49,6 @@ LABELS = {
 
 
 def free_config(p, **over):
-    from free_dfml.server.trainer import FreeConfig
     return FreeConfig.preset(p.free_preset, **{**p.free_overrides(), **over})
 
 
@@ -54,7 +62,6 @@ def method_config(p, method: str, **over):
 
 def track_eval(learner, val, cfg, episodes: int, device) -> tuple[float, float]:
     """Meta-val 5-way 1-shot accuracy for the curve: same episodes (seed) at every point, every method."""
-    from free_dfml.common.evaluation import evaluate
     r = evaluate(learner, val, way=cfg.way, shot=1, episodes=episodes, steps=cfg.eval_steps,
                  lr=cfg.inner_lr, seed=cfg.seed + 1000, device=device)
     return r.mean, r.ci95
@@ -68,7 +75,6 @@ def track_points(iterations: int, every: int) -> list[int]:
 
 
 def zoo_norm(zoo, channels: int):
-    from free_dfml.server.meta_learner import zoo_normalisation
     return zoo_normalisation([zoo.meta(m) for m in sorted(zoo.ids())], channels) or \
         ((0.5,) * channels, (0.25,) * channels)
 
@@ -76,9 +82,6 @@ def zoo_norm(zoo, channels: int):
 def run_method(ctx: Ctx, deps: dict, *, method: str, zoo_job: str = "zoo:main",
                iterations: int | None = None, shots: tuple[int, ...] | None = None,
                save_generator: bool = False, tracking: bool = True) -> dict:
-    from free_dfml.server.baselines import average_learner, random_learner
-    from free_dfml.server.zoo import Zoo
-
     p = ctx.preset
     device = torch.device(ctx.device)
     z = deps[zoo_job]
@@ -111,7 +114,6 @@ def run_method(ctx: Ctx, deps: dict, *, method: str, zoo_job: str = "zoo:main",
         learner = average_learner([zoo.package(m) for m in zoo.ids()], cfg).to(device)
         track(0, learner)
     elif method in ("free", "free-noalign", "scratch"):
-        from free_dfml.server.trainer import FreeTrainer
         trainer = FreeTrainer(zoo, cfg, device=device)
         for target in track_points(iterations, p.track_every if tracking else 0):
             t0 = time.perf_counter()
@@ -129,7 +131,6 @@ def run_method(ctx: Ctx, deps: dict, *, method: str, zoo_job: str = "zoo:main",
             "iterations": trainer.iteration,
         }
         if save_generator:
-            from safetensors.torch import save_file
             path = Path(ctx.work) / f"generator-{method}.safetensors"
             save_file({k: v.detach().cpu().contiguous() for k, v in trainer.metagen.generator.state_dict().items()},
                       str(path))
@@ -152,11 +153,6 @@ def run_method(ctx: Ctx, deps: dict, *, method: str, zoo_job: str = "zoo:main",
 def _oracle(p, cfg, ds, classes, norm, device, iterations, track):
     """``baselines.train_oracle``'s loop (same MetaLearner, same episode sampler) from FREE's
     initialisation, tracked at iteration-equivalent points (meta-batches / max_replay_batches)."""
-    from free_dfml.common.datasets import to_float
-    from free_dfml.common.episodes import EpisodeSampler
-    from free_dfml.server.baselines import random_learner
-    from free_dfml.server.meta_learner import MetaLearner
-
     learner = random_learner(cfg, norm=norm).to(device)
     meta = MetaLearner(learner, way=cfg.way, inner_lr=cfg.inner_lr, replay_steps=cfg.replay_steps,
                        meta_batch=cfg.meta_batch, outer_lr=cfg.outer_lr, second_order=cfg.second_order,
@@ -182,12 +178,11 @@ def _oracle(p, cfg, ds, classes, norm, device, iterations, track):
 
 
 def jobs(p) -> list[Job]:
-    from benchmarks.zoos import main_zoo_jobs
     weights = {"scratch": 50.0, "free": 10.0, "free-noalign": 9.0, "oracle": 4.0, "random": 2.0,
                "average": 2.0}
     out = main_zoo_jobs(p)
     for m in p.methods:
-        out.append(Job(f"acc:{m}", "benchmarks.accuracy:run_method",
+        out.append(Job(f"acc:{m}", run_method,
                        {"method": m, "save_generator": m == "free"}, deps=("zoo:main",),
                        weight=weights[m]))
     return out

@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing as mp
 import os
 import platform
 import resource
+import shlex
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
+
+from free_dfml.client.train import TrainConfig, train_client
+from free_dfml.common.datasets import SplitData, open_dataset, to_float
+from free_dfml.common.evaluation import evaluate
+from free_dfml.common.package import package_from_bytes
 
 # ------------------------------------------------------------------------------------------ machine
 
@@ -108,8 +118,6 @@ class SyntheticDataset:
 
     def __init__(self, image_size: int = 32, seed: int = 0, images_per_class: int = 20,
                  classes: tuple[int, int, int] = (30, 10, 10), channels: int = 3):
-        import torch.nn.functional as F
-        from free_dfml.common.datasets import SplitData, to_float
         g = torch.Generator().manual_seed(seed)
         self.image_shape = (channels, image_size, image_size)
         self._splits = {}
@@ -132,7 +140,6 @@ class SyntheticDataset:
         return list(self._splits[split].classes)
 
     def subset(self, split: str, classes: Sequence[int]):
-        from free_dfml.common.datasets import SplitData
         data = self._splits[split]
         idx, labels = [], []
         for new, c in enumerate(classes):
@@ -155,7 +162,6 @@ def open_data(spec: str, *, image_size: int = 32, seed: int = 0,
             _DATA_CACHE[key] = SyntheticDataset(image_size=image_size, seed=seed,
                                                 images_per_class=images_per_class or 20)
         else:
-            from free_dfml.common.datasets import open_dataset
             _DATA_CACHE[key] = open_dataset(spec, image_size=image_size, seed=seed,
                                             images_per_class=images_per_class)
     return _DATA_CACHE[key]
@@ -198,7 +204,6 @@ def client_plan(num_classes: int, n: int, per_client: int, seed: int, *, archs: 
 def train_clients(specs: Sequence[ClientSpec], *, data_spec: str, data_seed: int,
                   images_per_class: int | None, device: str = "cpu") -> list[tuple[bytes, dict]]:
     """Train each client; returns (package bytes, report) pairs (picklable, so this runs in a worker)."""
-    from free_dfml.client.train import TrainConfig, train_client
     out = []
     for s in specs:
         ds = open_data(data_spec, image_size=s.image_size, seed=data_seed, images_per_class=images_per_class)
@@ -218,7 +223,6 @@ def plan_hash(specs: Sequence[ClientSpec], extra: Any = None) -> str:
 
 def add_packages(zoo, items: Sequence[tuple[bytes, dict]]) -> list[dict]:
     """Add packages (bytes) to a Zoo; returns the reports with ``model_id``."""
-    from free_dfml.common.package import package_from_bytes
     reps = []
     for data, rep in items:
         mid, _ = zoo.add(package_from_bytes(data))
@@ -232,7 +236,6 @@ def evaluate_learner(learner, test, *, way: int, shots: Sequence[int], episodes:
                      lr: float, seed: int, device) -> dict[str, dict]:
     """The field's protocol via :func:`free_dfml.common.evaluation.evaluate`, one entry per shot,
     each with its evaluation wall time. Same ``seed`` -> same episodes for every method."""
-    from free_dfml.common.evaluation import evaluate
     out = {}
     for shot in shots:
         t0 = time.perf_counter()
@@ -253,8 +256,6 @@ def map_jobs(fn, jobs: list, workers: int) -> list:
     (``fn`` must be a module-level function; results in the order of ``jobs``)."""
     if workers < 1:
         return [fn(j) for j in jobs]
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
     # spawned, as benchmarks.jobs does: a forked child cannot use CUDA once its parent has
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as ex:
         return list(ex.map(fn, jobs))
@@ -268,7 +269,5 @@ def append_jsonl(path: Path | str, rows: Sequence[dict]) -> None:
 
 def command_line(module: str, argv: Sequence[str] | None) -> str:
     """The command a report records: ``python -m module`` and the arguments, shell-quoted."""
-    import shlex
-    import sys
     args = sys.argv[1:] if argv is None else argv
     return f"python -m {module} " + " ".join(shlex.quote(x) for x in args)

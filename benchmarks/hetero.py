@@ -14,33 +14,19 @@ accuracy table (``hetero_eval_shots``).
 
 from __future__ import annotations
 
-from benchmarks.common import client_plan, open_data
+from benchmarks.accuracy import collect, run_method
 from benchmarks.jobs import Job
+from benchmarks.zoos import zoo_jobs
 
-PLANS = ("arch", "domain")
-
-
-def hetero_plan(p, plan: str):
-    ds = open_data(p.dataset, image_size=p.image_size, seed=p.seed, images_per_class=p.images_per_class)
-    n_cls = len(ds.classes("train"))
-    if plan == "arch":
-        return client_plan(n_cls, p.hetero_clients, p.classes_per_client, p.seed + 101,
-                           archs=p.hetero_archs, widths=p.hetero_widths, image_sizes=(p.image_size,),
-                           epochs=p.client_epochs)
-    if plan == "domain":
-        return client_plan(n_cls, p.hetero_clients, p.classes_per_client, p.seed + 202,
-                           archs=("conv4",), widths=(p.client_width,), image_sizes=p.hetero_image_sizes,
-                           epochs=p.client_epochs)
-    raise ValueError(f"unknown hetero plan {plan!r}")
+PLANS = ("arch", "domain")      # the client plans of benchmarks.zoos.hetero_plan
 
 
 def jobs(p) -> list[Job]:
-    from benchmarks.zoos import zoo_jobs
     out: list[Job] = []
     for plan in PLANS:
         out += zoo_jobs(p, plan, p.hetero_clients)
         for m in p.hetero_methods:
-            out.append(Job(f"hetero:{plan}:{m}", "benchmarks.accuracy:run_method",
+            out.append(Job(f"hetero:{plan}:{m}", run_method,
                            {"method": m, "zoo_job": f"zoo:{plan}", "iterations": p.hetero_iterations,
                             "shots": tuple(p.hetero_eval_shots), "tracking": False},
                            deps=(f"zoo:{plan}",), weight=8.0 if m.startswith("free") else 2.0))
@@ -48,7 +34,6 @@ def jobs(p) -> list[Job]:
 
 
 def summarize(outcomes: dict, p) -> dict:
-    from benchmarks.accuracy import collect
     sec: dict = {}
     for plan in PLANS:
         zo = outcomes.get(f"zoo:{plan}")

@@ -1,21 +1,25 @@
 """A tiny dependency-aware job runner: benchmark pieces run in worker processes (one torch thread each
 on CPU, so two jobs use two cores without fighting over threads), or in-process with ``workers=0``.
 
-A job is ``module:function`` called as ``function(ctx, deps)`` where ``deps`` maps each dependency's
-name to its result. Results must be picklable (plain dicts). A failing job records its traceback;
+A job is a function called as ``fn(ctx, deps, **kwargs)`` where ``deps`` maps each dependency's
+name to its result. The function must be defined at a module's top level, so that it pickles (by
+name) into a spawned worker; its results must be picklable too (plain dicts). A failing job records its traceback;
 the jobs that depend on it are skipped, everything else still runs.
 """
 
 from __future__ import annotations
 
-import importlib
+import ctypes
 import multiprocessing as mp
 import os
+import signal
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+import torch
 
 
 @dataclass
@@ -29,7 +33,7 @@ class Ctx:
 @dataclass
 class Job:
     name: str
-    fn: str                  # "benchmarks.accuracy:run_method"
+    fn: Callable[..., Any]   # a module-level function, e.g. benchmarks.accuracy.run_method
     kwargs: dict = field(default_factory=dict)
     deps: tuple[str, ...] = ()
     weight: float = 1.0      # rough cost, bigger first when several are ready
@@ -43,11 +47,10 @@ class Outcome:
     wall_s: float = 0.0
 
 
-def _call(fn: str, ctx: Ctx, deps: dict, kwargs: dict) -> Outcome:
+def _call(fn: Callable[..., Any], ctx: Ctx, deps: dict, kwargs: dict) -> Outcome:
     t0 = time.perf_counter()
     try:
-        mod, name = fn.split(":")
-        result = getattr(importlib.import_module(mod), name)(ctx, deps, **kwargs)
+        result = fn(ctx, deps, **kwargs)
         return Outcome(True, result, None, time.perf_counter() - t0)
     except Exception:  # noqa: BLE001 - recorded, the run goes on
         return Outcome(False, None, traceback.format_exc(), time.perf_counter() - t0)
@@ -57,8 +60,6 @@ def _die_with_parent(parent: int) -> None:
     """Ask Linux to SIGTERM this worker when the harness process dies (killed, not only interrupted),
     so that no orphaned worker keeps training a job whose result nobody will collect."""
     try:
-        import ctypes
-        import signal
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)          # PR_SET_PDEATHSIG
     except (OSError, AttributeError):                       # not Linux: workers outlive a killed parent
@@ -69,7 +70,6 @@ def _die_with_parent(parent: int) -> None:
 
 def _init_worker(threads: int, parent: int) -> None:
     _die_with_parent(parent)
-    import torch
     if threads:
         torch.set_num_threads(threads)
         try:

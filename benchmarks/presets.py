@@ -10,8 +10,11 @@ the performance probes.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
+
+from free_dfml.server.trainer import FreeConfig
 
 # the accuracy section's methods (benchmarks/accuracy.py), in table order
 METHODS = ("random", "average", "scratch", "free-noalign", "free", "oracle")
@@ -38,8 +41,8 @@ class Preset:
     free: dict[str, Any] = field(default_factory=dict)
     iterations: int = 80
     methods: tuple[str, ...] = METHODS     # the accuracy section's methods (a subset, e.g. with --set)
-    # steps of a fresh generator per model (scratch baseline). 25 on CPU: in the recovery probe a
-    # fresh generator reaches agreement 1.0 on glyph teachers within ~11 steps; full uses 200
+    # steps of a fresh generator per model (scratch baseline): five times FIVE's k on CPU, and the
+    # full preset's 200, the budget of the earlier methods the paper compares with
     scratch_steps: int = 25
     oracle_batches: int | None = None  # MAML meta-batches on real data; None: iterations * max_replay_batches
     batched_inversion: bool | str = "auto"   # FreeConfig.batched_inversion for every FREE-family method
@@ -138,14 +141,12 @@ def get_preset(name: str, **overrides: Any) -> Preset:
     unknown = sorted(set(p.methods) - set(METHODS))
     if unknown or not p.methods:
         raise ValueError(f"methods must be a non-empty subset of {', '.join(METHODS)}, got {list(p.methods)}")
-    from free_dfml.server.trainer import FreeConfig
     FreeConfig.preset(p.free_preset, **p.free_overrides())     # a bad `free` key or value: refused now
     return p
 
 
 def parse_setting(text: str) -> tuple[str, Any]:
     """``FIELD=VALUE`` (``--set``): VALUE as JSON when it parses (numbers, lists, objects), else a string."""
-    import json
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ValueError(f"--set takes FIELD=VALUE, got {text!r}")

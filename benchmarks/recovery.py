@@ -21,9 +21,17 @@ import time
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch.func import functional_call
 
+from benchmarks import accuracy
 from benchmarks.common import sync
 from benchmarks.jobs import Ctx, Job
+from free_dfml.server.generator import Generator
+from free_dfml.server.meta_generator import (AdamState, Teacher, adam_update, class_targets, new_generator,
+                                             sample_latents)
+from free_dfml.server.trainer import FreeConfig
+from free_dfml.server.zoo import Zoo
 
 
 def agreement(logits: torch.Tensor, y: torch.Tensor, confidence: float) -> float:
@@ -33,9 +41,6 @@ def agreement(logits: torch.Tensor, y: torch.Tensor, confidence: float) -> float
 
 def trace(teacher, generator, params, z, y, *, steps: int, cfg, confidence: float, device) -> dict:
     """``invert``'s loop (same Adam arithmetic), recording agreement and time after every update."""
-    from torch.func import functional_call
-
-    from free_dfml.server.meta_generator import AdamState, adam_update
     params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     z = z.detach().clone().requires_grad_(True)
     state = AdamState()
@@ -74,7 +79,6 @@ def first_reach(curve: list[float], target: float) -> int | None:
 def held_out_probe(zoo, model_id: str, index: int, cfg, seed: int, device):
     """What the probe uses for the ``index``-th held-out model: (teacher, targets, latents, a fresh
     generator), the latents and generator drawn from a generator seeded by ``seed`` and ``index``."""
-    from free_dfml.server.meta_generator import Teacher, class_targets, new_generator, sample_latents
     meta = zoo.meta(model_id)
     teacher = Teacher(zoo.teacher(model_id, device), tuple(meta.input_shape), meta.num_classes, model_id)
     rng = torch.Generator().manual_seed(seed * 1000 + 17 + index)
@@ -85,12 +89,6 @@ def held_out_probe(zoo, model_id: str, index: int, cfg, seed: int, device):
 
 
 def run(ctx: Ctx, deps: dict) -> dict:
-    from safetensors.torch import load_file
-
-    from free_dfml.server.generator import Generator
-    from free_dfml.server.trainer import FreeConfig
-    from free_dfml.server.zoo import Zoo
-
     p = ctx.preset
     device = torch.device(ctx.device)
     free = deps["acc:free"]
@@ -197,7 +195,6 @@ def _mean(xs: list) -> float | None:
 
 
 def jobs(p) -> list[Job]:
-    from benchmarks import accuracy
     out = [j for j in accuracy.jobs(p) if j.name.startswith(("clients:main", "zoo:main")) or j.name == "acc:free"]
-    out.append(Job("recovery", "benchmarks.recovery:run", deps=("zoo:main", "acc:free"), weight=3.0))
+    out.append(Job("recovery", run, deps=("zoo:main", "acc:free"), weight=3.0))
     return out

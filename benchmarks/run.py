@@ -1,7 +1,7 @@
 """One command for the project's performance evidence.
 
     python -m benchmarks.run --preset tiny|quick|full [--device auto|cpu|cuda]
-                             [--out benchmarks/results/NAME] [--only accuracy,recovery,batched,hetero,scaling]
+                             [--out runs/bench/NAME] [--only accuracy,recovery,batched,hetero,scaling]
                              [--set FIELD=VALUE ...]
 
 ``--set`` overrides a field of the preset (``benchmarks/presets.py``; VALUE is JSON when it parses),
@@ -19,20 +19,31 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import importlib
 import json
+import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-SECTIONS = ("accuracy", "recovery", "batched", "hetero", "scaling")
+from benchmarks import accuracy, batched, hetero, recovery, scaling
+from benchmarks.common import command_line, machine_info, set_threads
+from benchmarks.jobs import Ctx, run_jobs
+from benchmarks.presets import get_preset, parse_setting
+from benchmarks.report import markdown, plots, targets
+from free_dfml.server.device import resolve_device
+
+# each section's module has jobs(preset) -> [Job] and summarize(outcomes, preset) -> dict
+MODULES = {"accuracy": accuracy, "recovery": recovery, "batched": batched, "hetero": hetero,
+           "scaling": scaling}
+SECTIONS = tuple(MODULES)
 
 
 def _jobs_for(sections, p):
     jobs, seen = [], set()
     for sec in sections:
-        for j in importlib.import_module(f"benchmarks.{sec}").jobs(p):
+        for j in MODULES[sec].jobs(p):
             if j.name not in seen:
                 seen.add(j.name)
                 jobs.append(j)
@@ -55,18 +66,12 @@ def run(preset: str = "quick", *, out: str | Path | None = None, device: str = "
         only: list[str] | None = None, workers: int | None = None, keep_work: bool = False,
         log: Callable[[str], None] = print, command: str | None = None, **overrides: Any) -> dict:
     """Run the benchmark; returns the results document (also written to ``out/results.json``)."""
-    from benchmarks.common import machine_info, set_threads
-    from benchmarks.jobs import Ctx, run_jobs
-    from benchmarks.presets import get_preset
-    from benchmarks.report import markdown, plots, targets
-    from free_dfml.server.device import resolve_device
-
     if workers is not None:
         overrides["workers"] = workers
     p = get_preset(preset, **overrides)
     sections = check_sections(only, p)
     dev = resolve_device(device)
-    out = Path(out or f"benchmarks/results/{preset}")
+    out = Path(out or f"runs/bench/{preset}")
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
     if work.exists():
@@ -98,7 +103,7 @@ def run(preset: str = "quick", *, out: str | Path | None = None, device: str = "
         "job_errors": {k: o.error for k, o in outcomes.items() if not o.ok},
     }
     for sec in sections:
-        doc["sections"][sec] = importlib.import_module(f"benchmarks.{sec}").summarize(outcomes, p)
+        doc["sections"][sec] = MODULES[sec].summarize(outcomes, p)
     doc["targets"] = targets(doc)
     doc["plots"] = plots(doc, out)
     (out / "results.json").write_text(json.dumps(doc, indent=1, default=_json_default))
@@ -111,7 +116,6 @@ def run(preset: str = "quick", *, out: str | Path | None = None, device: str = "
 
 def _git_state() -> dict | None:
     """The commit the run measured, and the tracked files that differed from it at the start."""
-    import subprocess
     repo = Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
@@ -125,7 +129,6 @@ def _git_state() -> dict | None:
 
 def _loadavg() -> list[float] | None:
     try:
-        import os
         return [round(x, 2) for x in os.getloadavg()]
     except (OSError, AttributeError):
         return None
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="quick", choices=("tiny", "quick", "full"))
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    ap.add_argument("--out", default=None, help="output folder (default benchmarks/results/<preset>)")
+    ap.add_argument("--out", default=None, help="output folder (default runs/bench/<preset>)")
     ap.add_argument("--only", default=None, help="comma-separated sections: " + ",".join(SECTIONS))
     ap.add_argument("--workers", type=int, default=None, help="worker processes (0: in-process)")
     ap.add_argument("--dataset", default=None, help="data set spec (default glyphs; 'synthetic' for tests)")
@@ -153,7 +156,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a preset field (benchmarks/presets.py), VALUE as JSON if it parses; repeatable")
     a = ap.parse_args(argv)
-    from benchmarks.presets import get_preset, parse_setting
     over: dict[str, Any] = {}
     if a.dataset:
         over["dataset"] = a.dataset
@@ -165,7 +167,6 @@ def main(argv: list[str] | None = None) -> int:
         check_sections(only, get_preset(a.preset, **over))
     except ValueError as e:
         ap.error(str(e))
-    from benchmarks.common import command_line
     cmd = command_line("benchmarks.run", argv)
     doc = run(a.preset, out=a.out, device=a.device, only=only, workers=a.workers, keep_work=a.keep_work,
               command=cmd, **over)

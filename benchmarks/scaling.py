@@ -25,23 +25,22 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from benchmarks.accuracy import free_config
+from benchmarks.common import peak_rss_mb, reset_peak_rss, rss_mb
 from benchmarks.jobs import Ctx, Job
+from benchmarks.presets import Preset
+from free_dfml.common.models import build_model
+from free_dfml.common.package import make_package
+from free_dfml.server.memory_bank import MemoryBank
+from free_dfml.server.trainer import FreeTrainer
+from free_dfml.server.zoo import Zoo
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def child(size: int, root: str, preset: dict, device: str, threads: int) -> dict:
-    import torch
-
-    from benchmarks.accuracy import free_config
-    from benchmarks.common import peak_rss_mb, reset_peak_rss, rss_mb
-    from benchmarks.presets import Preset
-    from free_dfml.common.models import build_model
-    from free_dfml.common.package import make_package
-    from free_dfml.server.memory_bank import MemoryBank
-    from free_dfml.server.trainer import FreeTrainer
-    from free_dfml.server.zoo import Zoo
-
     if threads:
         torch.set_num_threads(threads)
     p = Preset(**{k: tuple(v) if isinstance(v, list) and k not in ("free",) else v
@@ -133,7 +132,7 @@ def run(ctx: Ctx, deps: dict) -> dict:
 
 
 def jobs(p) -> list[Job]:
-    return [Job("scaling", "benchmarks.scaling:run", weight=4.0)]
+    return [Job("scaling", run, weight=4.0)]
 
 
 def summarize(outcomes: dict, p) -> dict:

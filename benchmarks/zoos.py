@@ -1,7 +1,12 @@
 """Jobs that train the client models and write them into zoos (``Zoo.add``, as the server does).
 
-``zoo:main``: ``clients`` Conv4 models (FREE's zoo) plus ``heldout_clients`` more over other classes
-(the recovery benchmark's held-out models), client training split over ``workers`` chunk jobs.
+The plans (which client models a zoo holds):
+
+* ``main``: ``clients`` Conv4 models (FREE's zoo) plus ``heldout_clients`` more over other classes
+  (the recovery benchmark's held-out models);
+* ``arch`` and ``domain``: the heterogeneous zoos of :mod:`benchmarks.hetero`.
+
+Client training is split over ``workers`` chunk jobs, then one job adds the packages to the zoo.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from pathlib import Path
 
 from benchmarks.common import add_packages, client_plan, open_data, plan_hash, train_clients
 from benchmarks.jobs import Ctx, Job
+from free_dfml.server.zoo import Zoo
 
 
 def main_plan(p):
@@ -18,6 +24,23 @@ def main_plan(p):
     n_cls = len(ds.classes("train"))   # class names only: nothing rendered or loaded
     return client_plan(n_cls, p.clients + p.heldout_clients, p.classes_per_client, p.seed,
                        widths=(p.client_width,), image_sizes=(p.image_size,), epochs=p.client_epochs)
+
+
+def hetero_plan(p, plan: str):
+    """The heterogeneous zoos: ``arch`` cycles ``hetero_archs`` at 32 px, ``domain`` alternates
+    Conv4 clients between the ``hetero_image_sizes`` renderings. Their classes are drawn with
+    another seed than the main zoo's."""
+    ds = open_data(p.dataset, image_size=p.image_size, seed=p.seed, images_per_class=p.images_per_class)
+    n_cls = len(ds.classes("train"))
+    if plan == "arch":
+        return client_plan(n_cls, p.hetero_clients, p.classes_per_client, p.seed + 101,
+                           archs=p.hetero_archs, widths=p.hetero_widths, image_sizes=(p.image_size,),
+                           epochs=p.client_epochs)
+    if plan == "domain":
+        return client_plan(n_cls, p.hetero_clients, p.classes_per_client, p.seed + 202,
+                           archs=("conv4",), widths=(p.client_width,), image_sizes=p.hetero_image_sizes,
+                           epochs=p.client_epochs)
+    raise ValueError(f"unknown hetero plan {plan!r}")
 
 
 def chunks(n: int, k: int) -> list[tuple[int, int]]:
@@ -35,16 +58,12 @@ def train_chunk(ctx: Ctx, deps: dict, *, plan: str, start: int, stop: int) -> di
 
 
 def plan_specs(p, plan: str):
-    if plan == "main":
-        return main_plan(p)
-    from benchmarks.hetero import hetero_plan
-    return hetero_plan(p, plan)
+    return main_plan(p) if plan == "main" else hetero_plan(p, plan)
 
 
 def build_zoo(ctx: Ctx, deps: dict, *, plan: str, split_at: int | None = None) -> dict:
     """Add every chunk's packages to ``work/zoo-<plan>`` (first ``split_at``) and
     ``work/zoo-<plan>-heldout`` (the rest)."""
-    from free_dfml.server.zoo import Zoo
     items = [it for name in sorted(deps, key=lambda s: int(s.rsplit(":", 1)[1])) for it in deps[name]["items"]]
     specs = plan_specs(ctx.preset, plan)
     n = len(items) if split_at is None else split_at
@@ -64,9 +83,9 @@ def build_zoo(ctx: Ctx, deps: dict, *, plan: str, split_at: int | None = None) -
 
 def zoo_jobs(p, plan: str, n_models: int, split_at: int | None = None, weight: float = 5.0) -> list[Job]:
     parts = chunks(n_models, max(1, p.workers))
-    jobs = [Job(f"clients:{plan}:{i}", "benchmarks.zoos:train_chunk",
+    jobs = [Job(f"clients:{plan}:{i}", train_chunk,
                 {"plan": plan, "start": a, "stop": b}, weight=weight) for i, (a, b) in enumerate(parts)]
-    jobs.append(Job(f"zoo:{plan}", "benchmarks.zoos:build_zoo", {"plan": plan, "split_at": split_at},
+    jobs.append(Job(f"zoo:{plan}", build_zoo, {"plan": plan, "split_at": split_at},
                     deps=tuple(j.name for j in jobs), weight=100.0))
     return jobs
 

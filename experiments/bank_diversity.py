@@ -1,10 +1,10 @@
 """How diverse is the memory bank an inversion method fills? FIVE against scratch, on one zoo.
 
-    python -m benchmarks.bank_diversity --zoo DIR --out DIR [--preset quick] [--iterations 160]
+    python -m experiments.bank_diversity --zoo DIR --out DIR [--preset quick] [--iterations 160]
         [--seed 1] [--workers 2|0] --variant NAME=JSON [--variant NAME=JSON ...]
 
 For every variant (FreeConfig overrides on the preset's ``free`` config, as in
-``benchmarks.meta_val_sweep``: ``base={}``, ``scratch25={"inversion": "scratch", "scratch_steps": 25}``)
+``experiments.meta_val_sweep``: ``base={}``, ``scratch25={"inversion": "scratch", "scratch_steps": 25}``)
 a ``FreeTrainer`` trains ``--iterations`` iterations on the zoo folder ``--zoo`` (e.g. a sweep's
 ``work/zoo-main``). Then, for every bank key (one class of one teacher) holding at least two teacher
 visits of ``samples_per_class`` images, with the teacher that made them:
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=2, help="processes, one variant each (0: in this one)")
     ap.add_argument("--variant", action="append", required=True, metavar="NAME=JSON")
     a = ap.parse_args(argv)
-    from benchmarks.meta_val_sweep import check_variants, parse_variant
+    from experiments.meta_val_sweep import check_variants, parse_variant
     from benchmarks.presets import get_preset
     try:
         if not (Path(a.zoo) / "models").is_dir():
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     jobs = [(n, o, a.zoo, a.preset, a.iterations, a.seed, str(out)) for n, o in variants.items()]
     rows = map_jobs(run_variant, jobs, a.workers)
     append_jsonl(out / "diversity.jsonl", rows)
-    cmd = command_line("benchmarks.bank_diversity", argv)
+    cmd = command_line("experiments.bank_diversity", argv)
     (out / "diversity.md").write_text(f"# memory-bank diversity, preset `{a.preset}`\n\n- command: `{cmd}`\n\n"
                                       + table(rows) + "\n")
     print(table(rows))

@@ -1,6 +1,6 @@
 """Choose FREE settings on meta-VAL, never on the meta-test split that the accuracy table reports.
 
-    python -m benchmarks.meta_val_sweep --out DIR [--preset quick] [--iterations 240] [--every 80]
+    python -m experiments.meta_val_sweep --out DIR [--preset quick] [--iterations 240] [--every 80]
         [--episodes 400] [--seeds 0,1,2,3] --variant NAME=JSON [--variant NAME=JSON ...]
 
 For every variant and seed, ``free`` (the accuracy section's method, with the preset's FreeConfig and
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.presets import get_preset
     from benchmarks.zoos import zoo_jobs
 
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.meta_val_sweep", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m experiments.meta_val_sweep", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder (sweep.jsonl, sweep.md, the zoo under work/)")
     ap.add_argument("--preset", default="quick", choices=("tiny", "quick", "full"))
@@ -149,14 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     jobs = zoo_jobs(p, "main", p.clients + p.heldout_clients)
     for name, o in variants.items():
         for s in seeds:
-            jobs.append(Job(f"sweep:{name}:{s}", "benchmarks.meta_val_sweep:run_variant",
+            jobs.append(Job(f"sweep:{name}:{s}", run_variant,
                             {"variant": name, "overrides": o, "seed": s, "iterations": a.iterations,
                              "every": a.every, "episodes": a.episodes}, deps=("zoo:main",)))
     outcomes = run_jobs(jobs, ctx, workers=p.workers, threads=p.threads_per_worker)
     runs = [o.result for k, o in outcomes.items() if k.startswith("sweep:") and o.ok]
     append_jsonl(out / "sweep.jsonl", runs)
     zoo = outcomes["zoo:main"].result if outcomes["zoo:main"].ok else {}
-    command = command_line("benchmarks.meta_val_sweep", argv)
+    command = command_line("experiments.meta_val_sweep", argv)
     md = (f"# meta-val sweep, preset `{a.preset}`\n\n- command: `{command}`\n- zoo: {len(zoo.get('reports', []))} models, mean "
           f"client held-out accuracy {zoo.get('mean_holdout_accuracy', float('nan')):.3f}\n"
           f"- 5-way 1-shot meta-val accuracy (%), {a.episodes} episodes (seed {VAL_SEED}), mean ± 95% interval\n\n"

@@ -1,6 +1,6 @@
 """Recovery along training: how FIVE's head start on held-out models changes as FREE trains.
 
-    python -m benchmarks.recovery_curve --out DIR [--zoo DIR] [--preset quick] [--set FIELD=VALUE ...]
+    python -m experiments.recovery_curve --out DIR [--zoo DIR] [--preset quick] [--set FIELD=VALUE ...]
         [--heldout N] [--iterations 80] [--every 10] [--seeds 0,1,2] [--workers 2|0]
         [--device cpu|cuda] [--variant NAME=JSON ...]
 
@@ -12,7 +12,7 @@ out. Without ``--zoo``, the preset's main plan (``clients`` + ``heldout_clients`
 preset's client recipe; ``--set`` changes either) is trained into ``DIR/work/zoo-main`` first, or
 reused from there when a previous run left it, and ``--heldout`` defaults to ``heldout_clients``.
 A ``FreeTrainer`` with the preset's ``free`` config (plus the variant's FreeConfig
-overrides, as in ``benchmarks.meta_val_sweep``) trains on the rest. At iteration 0 and every
+overrides, as in ``experiments.meta_val_sweep``) trains on the rest. At iteration 0 and every
 ``--every`` iterations the current meta-generator runs the recovery probe
 (:func:`benchmarks.recovery.trace`: CE only, the config's Adam, ``recovery_five_steps`` steps) on
 every held-out model, with the same latents and targets at every checkpoint. The scratch
@@ -218,7 +218,7 @@ def plot(runs: list[dict], path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.recovery_curve",
+    ap = argparse.ArgumentParser(prog="python -m experiments.recovery_curve",
                                  description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--zoo", default=None, help="a zoo folder; its last --heldout models are held out "
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
                     help="FreeConfig overrides (default: base={})")
     a = ap.parse_args(argv)
-    from benchmarks.meta_val_sweep import check_variants, parse_variant
+    from experiments.meta_val_sweep import check_variants, parse_variant
     from benchmarks.presets import get_preset, parse_setting
     from free_dfml.server.device import resolve_device
     try:
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
             for n, o in variants.items() for s in seeds]
     runs = map_jobs(run, jobs, a.workers)
     append_jsonl(out / "curve.jsonl", runs)
-    cmd = command_line("benchmarks.recovery_curve", argv)
+    cmd = command_line("experiments.recovery_curve", argv)
     sz = runs[0]["sizes"]
     md = (f"# recovery along training, preset `{a.preset}`\n\n- command: `{cmd}`\n- held-out models: "
           f"{heldout}; agreement = share of images the teacher gives their target with confidence "

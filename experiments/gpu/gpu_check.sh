@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The GPU measurements of docs/benchmarks.md, as one short script for a borrowed GPU machine where
-# the project is not installed (gpu_env.sh puts it on the path). Nothing here needs flwr or opacus.
+# The batched-inversion GPU table of docs/benchmarks.md, as one short script for a borrowed GPU
+# machine where the project is not installed (gpu_env.sh puts it on the path). Nothing here needs
+# flwr or opacus.
 #
-#   bash benchmarks/gpu_check.sh OUTDIR
+#   bash experiments/gpu/gpu_check.sh OUTDIR
 #
-# 1. batched inversion vs the sequential loop at the full preset's sizes (Conv4-64 teachers,
-#    20 images a class, NGF 64) for T = 4, 16, 64;
+# 1. the harness's batched section (the loop, the grouped-conv engine and vmap, interleaved in one
+#    process) at the full preset's sizes (Conv4-64 teachers, 20 images a class, NGF 64) for
+#    T = 4, 16, 64;
 # 2. the same at the quick preset's sizes (Conv4-16 teachers, 4 images a class, NGF 16);
 # 3. the tiny preset, every section, on cuda (the harness's smoke test, on a GPU).
 # Each step is bounded by `timeout`, so one that hangs does not cost the others.

@@ -5,7 +5,7 @@
 # CL Conv4-64 clients (60 epochs), scratch / free / oracle for IT iterations (warm-up 1, so the
 # iterations timed are real ones), OB oracle meta-batches, EP meta-test episodes (1-shot).
 #
-#   bash benchmarks/gpu_full_timing.sh OUTDIR       # env: IPC (100) CL (4) IT (5) OB (100) EP (100) LIM (230)
+#   bash experiments/gpu/gpu_full_timing.sh OUTDIR       # env: IPC (100) CL (4) IT (5) OB (100) EP (100) LIM (230)
 set -u
 OUT=$(realpath -m "${1:?usage: gpu_full_timing.sh OUTDIR}")   # absolute: gpu_env.sh moves into the repository
 mkdir -p "$OUT"

@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # Recovery along training at the paper's sizes, on a borrowed GPU machine, as one short script
 # (gpu_env.sh puts the project, not installed there, on the path). The zoo is trained beforehand (on
-# CPU: `python -m benchmarks.recovery_curve --preset full --set clients=8 --set heldout_clients=4 ...`
+# CPU: `python -m experiments.recovery_curve --preset full --set clients=8 --set heldout_clients=4 ...`
 # leaves it in OUT/work/zoo-main) and carried to the machine; its last 4 models are held out.
-# Two runs side by side on the one GPU, each `benchmarks.recovery_curve --preset full` (FreeConfig
+# Two runs side by side on the one GPU, each `experiments.recovery_curve --preset full` (FreeConfig
 # `paper`: nz 256, ngf 64, m 20, Conv4-64 learner; 1000 scratch steps), one process each:
 #
 #   base:  the paper's FIVE inner step, gen_lr 1e-3
-#   lr10:  gen_lr 1e-2 (the quick preset's choice, docs/algorithm.md "A larger FIVE inner step")
+#   lr10:  gen_lr 1e-2 (the quick preset's choice, docs/findings.md)
 #
 # Both cap the MAML replay at REPLAY meta-batches an iteration (the paper config's cap is 100, about
 # 27 used an iteration, 6 s on an H200), so that IT iterations fit the device time; the cap changes
 # the meta-learner that L_adv plays against, not FIVE's own step.
 #
-#   bash benchmarks/gpu_paper_recovery.sh ZOO OUTDIR
+#   bash experiments/gpu/gpu_paper_recovery.sh ZOO OUTDIR
 #
 # Environment: IT (160) iterations, EVERY (20) probe interval, REPLAY (5), LIMIT (seconds per run,
 # 400), DEVICE (cuda; cpu with PRESET=tiny for a dry run of the plumbing), PRESET (full).
@@ -27,7 +27,7 @@ it=${IT:-160}; every=${EVERY:-20}; replay=${REPLAY:-5}; lim=${LIMIT:-400}; prese
 t0=$SECONDS
 for v in "base={\"max_replay_batches\": $replay}" "lr10={\"max_replay_batches\": $replay, \"gen_lr\": 0.01}"; do
     name=${v%%=*}
-    timeout "$lim" $py -m benchmarks.recovery_curve --zoo "$zoo" --out "$out/$name" --preset "$preset" \
+    timeout "$lim" $py -m experiments.recovery_curve --zoo "$zoo" --out "$out/$name" --preset "$preset" \
         --heldout 4 --iterations "$it" --every "$every" --device "$dev" --workers 0 --variant "$v" \
         >"$out/$name.log" 2>&1 &
 done

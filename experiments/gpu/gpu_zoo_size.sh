@@ -6,7 +6,7 @@
 #   zoo100: clients=100 (500 of the 2364 meta-train classes): random, free-noalign, free, oracle
 #   zoo20:  the quick preset's 20 clients (100 classes; the first 20 clients of zoo100): random, free
 #
-#   bash benchmarks/gpu_zoo_size.sh OUTDIR
+#   bash experiments/gpu/gpu_zoo_size.sh OUTDIR
 #
 # Environment: SEED (1), ITERATIONS (500), LIMIT (seconds per run, 500), PRESET (quick; tiny for a
 # dry run of the plumbing with DEVICE=cpu), CLIENTS (100). Each run's log (with its [track] lines:
