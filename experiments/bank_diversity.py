@@ -102,7 +102,7 @@ def run_variant(args: tuple) -> dict:
     t0 = time.perf_counter()
     trainer.run(iterations, progress=False)
     train_s = time.perf_counter() - t0
-    bank, m, rows = trainer.bank, cfg.samples_per_class, []
+    bank, m, rows = trainer.bank, cfg.generator.samples_per_class, []
     newest, owners = [], []
     for key in bank.keys():
         x = bank.images(key)

@@ -46,8 +46,8 @@ def run_variant(ctx, deps: dict, *, variant: str, overrides: dict, seed: int, it
     t0 = time.perf_counter()
     for stop in sorted(set(range(every, iterations + 1, every)) | {iterations}):
         trainer.run(stop, progress=False)
-        r = evaluate(trainer.learner, val, way=cfg.way, shot=1, episodes=episodes, steps=cfg.eval_steps,
-                     lr=cfg.inner_lr, seed=VAL_SEED, device=ctx.device)
+        r = evaluate(trainer.learner, val, way=cfg.learner.way, shot=1, episodes=episodes, steps=cfg.learner.adapt_steps,
+                     lr=cfg.learner.inner_lr, seed=VAL_SEED, device=ctx.device)
         curve.append({"iteration": stop, "acc": round(r.mean * 100, 2), "ci95": round(r.ci95 * 100, 2)})
     return {"variant": variant, "overrides": overrides, "seed": seed, "curve": curve,
             "wall_s": round(time.perf_counter() - t0, 1)}

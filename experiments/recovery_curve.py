@@ -120,19 +120,19 @@ def run(args: tuple) -> dict:
     for stop in sorted({0, iterations, *range(every, iterations, every)}):
         trainer.run(stop, progress=False)
         five, looks = probe(trainer, teachers, draws, cfg, p, device)
-        points.append({"iteration": stop, **summarize(five, scratch, cfg.inner_steps), **looks})
+        points.append({"iteration": stop, **summarize(five, scratch, cfg.generator.inner_steps), **looks})
         pt = points[-1]
         r2 = {k: None if pt[k] is None else round(pt[k], 2) for k in ("five_steps", "scratch_steps", "steps_ratio")}
         print(f"[recovery-curve] {name} seed {seed} iteration {stop}: FIVE agreement after "
-              f"{cfg.inner_steps} steps {pt['five_agree_k']:.3f} (scratch {pt['scratch_agree_k']:.3f}); "
+              f"{cfg.generator.inner_steps} steps {pt['five_agree_k']:.3f} (scratch {pt['scratch_agree_k']:.3f}); "
               f"steps to 0.9 FIVE {r2['five_steps']} scratch {r2['scratch_steps']} ratio {r2['steps_ratio']} "
               f"on {pt['five_reached']}/{len(held_ids)} models; saturated pixels at step 0 "
               f"{looks['saturated']:.3f}; {time.perf_counter() - t0:.0f} s", flush=True)
-    return {"variant": name, "overrides": overrides, "seed": seed, "k": cfg.inner_steps,
+    return {"variant": name, "overrides": overrides, "seed": seed, "k": cfg.generator.inner_steps,
             "heldout": held_ids, "points": points, "scratch_reach": reach,
             "scratch_final": [c[-1] for c in scratch], "scratch_steps_max": p.recovery_scratch_steps,
-            "sizes": {"nz": cfg.nz, "ngf": cfg.ngf, "samples_per_class": cfg.samples_per_class,
-                      "gen_lr": cfg.gen_lr, "z_lr": cfg.z_lr}, "device": dev,
+            "sizes": {"nz": cfg.generator.nz, "ngf": cfg.generator.ngf, "samples_per_class": cfg.generator.samples_per_class,
+                      "gen_lr": cfg.generator.lr, "z_lr": cfg.generator.z_lr}, "device": dev,
             "wall_s": round(time.perf_counter() - t0, 1)}
 
 
