@@ -66,7 +66,9 @@ def train(
     out: Path = typer.Option(..., "--out", help="the model package to write (.safetensors)"),
     epochs: int = typer.Option(30, "--epochs", min=1),
     lr: float = typer.Option(0.01, "--lr"),
+    optimizer: str = typer.Option("adam", "--optimizer", help="adam | sgd (momentum 0.9)"),
     batch_size: int = typer.Option(32, "--batch-size", min=2),
+    augment: str = typer.Option("none", "--augment", help="none | flip | crop | crop+flip"),
     width: Optional[int] = typer.Option(None, "--width", help="channel width (architecture default: 64)"),
     image_size: int = typer.Option(32, "--image-size", min=28),
     images_per_class: Optional[int] = typer.Option(None, "--images-per-class", min=1),
@@ -78,13 +80,17 @@ def train(
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
     """Train a classifier on your own classes and write it as a model package."""
-    from free_dfml.client.train import TrainConfig, train_client
+    from free_dfml.client.train import AUGMENTATIONS, OPTIMIZERS, TrainConfig, train_client
     from free_dfml.common.datasets import DataError, open_dataset
     from free_dfml.common.models import ARCHITECTURES
     from free_dfml.common.package import PackageError, save_package
 
     if arch not in ARCHITECTURES:
         raise CliError(f"--arch must be one of {', '.join(ARCHITECTURES)}, got {arch!r}")
+    if optimizer not in OPTIMIZERS:
+        raise CliError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    if augment not in AUGMENTATIONS:
+        raise CliError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
     if dp_epsilon is not None and not dp_epsilon > 0:
         raise CliError("--dp-epsilon must be > 0")
     if dp_delta is not None and not 0 < dp_delta < 1:
@@ -106,7 +112,7 @@ def train(
     kw = {"width": width} if width is not None else {}
     cfg = TrainConfig(arch=arch, arch_kwargs=kw, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                       device=device, share_labels=share_labels, dp_epsilon=dp_epsilon, dp_delta=dp_delta,
-                      max_grad_norm=max_grad_norm)
+                      max_grad_norm=max_grad_norm, optimizer=optimizer, augment=augment)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     with Progress(TextColumn("training {task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), transient=True) as bar:

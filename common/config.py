@@ -28,7 +28,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-ENGINES = ("auto", "loop", "batched")
+ENGINES = ("auto", "loop", "grouped", "vmap")
 INVERSIONS = ("five", "scratch")
 AUGMENTS = ("none", "color")
 
@@ -52,9 +52,10 @@ class GeneratorConfig:
     jitter: int = 0
     inversion: str = "five"             # "five" | "scratch" (a fresh generator per teacher, the baseline)
     scratch_steps: int = 200            # steps of a fresh generator (inversion = "scratch")
-    # how a FIVE step runs its T teachers: "loop" one after another; "batched" same-architecture
-    # teachers together (server/batched_inversion.py; the same results to float rounding);
-    # "auto": batched on CUDA, the loop on CPU
+    # how a FIVE step runs its T teachers (server/inversion_engine.py; the same results to float
+    # rounding): "loop" one after another; "vmap" same-architecture teachers together through
+    # torch.func.vmap; "grouped" the same with Conv4s and the generator as grouped convolutions
+    # (else vmap); "auto": grouped on CUDA, the loop on CPU
     engine: str = "auto"
 
 
@@ -156,7 +157,7 @@ FLAT_KEYS: dict[str, tuple[str, str]] = {
 }
 
 # the flat ``batched_inversion`` values, as ``generator.engine``
-_FLAT_ENGINE = {True: "batched", False: "loop", "auto": "auto"}
+_FLAT_ENGINE = {True: "grouped", False: "loop", "auto": "auto"}
 
 # FreeConfig's presets: section -> field -> value over the defaults (the defaults are the paper's)
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -314,4 +315,4 @@ class FreeConfig:
         """Whether FIVE steps go through the batched multi-teacher step on ``device``."""
         if self.generator.engine == "auto":
             return str(device).split(":")[0] == "cuda"
-        return self.generator.engine == "batched"
+        return self.generator.engine in ("grouped", "vmap")

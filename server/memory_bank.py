@@ -66,6 +66,13 @@ class MemoryBank:
         self._model_of: dict[str, str] = {}
         self.evicted = 0
 
+    @classmethod
+    def from_config(cls, bank, image_shape: tuple[int, int, int]) -> "MemoryBank":
+        """The bank a :class:`~free_dfml.common.config.BankConfig` ``bank`` describes, for images of
+        ``image_shape`` (the meta-learner's input)."""
+        return cls(bank.capacity, image_shape, torch.uint8 if bank.dtype == "uint8" else torch.float16,
+                   max_bytes=int(bank.max_mb * 2 ** 20) if bank.max_mb else None)
+
     @staticmethod
     def ring_bytes(capacity: int, image_shape: tuple[int, ...], dtype: torch.dtype) -> int:
         """Bytes one key's ring takes (preallocated at full capacity)."""

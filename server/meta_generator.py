@@ -14,8 +14,9 @@ specialise it to any one model. Per FIVE step, for each of the ``T`` sampled tea
 4. the adapted generator's images and labels are returned for EVERY teacher (all go to the bank).
 
 The per-teacher inner loop is the pure-ish function :func:`invert` (parameters and z in, adapted
-parameters, z, images and last-step gradients out; a hand-written functional Adam), so it can be
-vmapped over teachers later (``torch.func.stack_module_state``). :func:`invert_from_scratch` is the
+parameters, z, images and last-step gradients out; a hand-written functional Adam); :meth:`MetaGenerator.step`
+runs it in a loop over the teachers (the ``loop`` engine of :mod:`~free_dfml.server.inversion_engine`,
+whose batched engines stack same-structure teachers instead). :func:`invert_from_scratch` is the
 ``scratch`` baseline (a fresh generator per model, hundreds of steps) on the same loss code.
 """
 
@@ -321,11 +322,13 @@ class MetaGenerator:
     @classmethod
     def from_config(cls, cfg, *, rng: torch.Generator | None = None,
                     device: torch.device | str = "cpu") -> "MetaGenerator":
-        """The meta-generator that a :class:`~free_dfml.server.trainer.FreeConfig` ``cfg`` sets up."""
-        return cls(nz=cfg.nz, ngf=cfg.ngf, image_size=cfg.image_size, channels=cfg.channels,
-                   inner_steps=cfg.inner_steps, inner_lr=cfg.gen_lr, z_lr=cfg.z_lr, meta_lr=cfg.gen_meta_lr,
-                   betas=tuple(cfg.gen_betas), samples_per_class=cfg.samples_per_class,
-                   lambda_bn=cfg.lambda_bn, jitter=cfg.inversion_jitter, rng=rng, device=device)
+        """The meta-generator that a :class:`~free_dfml.common.config.FreeConfig` ``cfg`` sets up: its
+        ``generator`` section, at the ``learner`` section's image size and channels."""
+        g, lrn = cfg.generator, cfg.learner
+        return cls(nz=g.nz, ngf=g.ngf, image_size=lrn.image_size, channels=lrn.channels,
+                   inner_steps=g.inner_steps, inner_lr=g.lr, z_lr=g.z_lr, meta_lr=g.meta_lr,
+                   betas=tuple(g.betas), samples_per_class=g.samples_per_class,
+                   lambda_bn=g.lambda_bn, jitter=g.jitter, rng=rng, device=device)
 
     def params(self) -> Params:
         return {k: v.detach() for k, v in self.generator.named_parameters()}
@@ -357,8 +360,12 @@ class MetaGenerator:
         results = [self.adapt(t, lambda_adv=lambda_adv, student=student,
                               subset=None if subsets is None else subsets[i])
                    for i, t in enumerate(teachers)]
+        self.meta_update(results)
+        return results
+
+    def meta_update(self, results: Sequence[InversionResult]) -> None:
+        """FOMAML: ``phi.grad`` = the sum, in teacher order, of each copy's last-step gradient; one Adam step."""
         self.optimizer.zero_grad(set_to_none=True)
         for name, p in self.generator.named_parameters():
             p.grad = torch.stack([r.last_grads[name] for r in results]).sum(0)
         self.optimizer.step()
-        return results

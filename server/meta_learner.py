@@ -6,10 +6,13 @@
   on ``theta'`` minimising ``KL(softmax f_t(X_t) || softmax s_theta'(X_t))`` (the teacher's local
   label order, restricted to at most ``way`` of its classes); then ``theta <- theta + beta *
   (theta' - theta)``, written straight into the parameters (no optimiser, no scale factor).
-* :meth:`MetaLearner.replay`: MAML on episodes from the memory bank: ``replay_steps`` SGD steps
-  (``inner_lr``) on the support set, CE on the query set, ``meta_batch`` episodes summed, Adam
-  step; repeated until the meta-batch training accuracy has not improved for ``patience``
-  meta-batches or ``max_batches`` is reached.
+* :meth:`MetaLearner.replay`: MAML on episodes from the memory bank: ``replay.inner_steps`` SGD
+  steps (``inner_lr``) on the support set, CE on the query set, ``replay.meta_batch`` episodes
+  summed, Adam step; repeated until the meta-batch training accuracy has not improved for
+  ``replay.patience`` meta-batches or ``replay.max_batches`` is reached.
+
+A :class:`MetaLearner` takes its configuration sections (:class:`~free_dfml.common.config.ReplayConfig`,
+:class:`~free_dfml.common.config.BellConfig`) plus the task's ``way`` and adaptation ``inner_lr``.
 
 The learner always runs with batch statistics (transductive BatchNorm, as MAML and the evaluation
 protocol do) through ``functional_call`` with cloned buffers, so its running statistics never drift.
@@ -24,12 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from free_dfml.common.adaptation import adapt, buffers_of, forward, parameters_of
+from free_dfml.common.config import AUGMENTS, BellConfig, LearnerConfig, ReplayConfig
 from free_dfml.common.models import Normalized, build_model, is_head_key
 from free_dfml.server.memory_bank import MemoryBank
 from free_dfml.server.meta_generator import AdamState, Teacher, adam_update, kl_per_sample, restrict
 
 Episode = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]   # sx, sy, qx, qy (float x)
-AUGMENTS = ("none", "color")
 
 
 def color_augment(x: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
@@ -72,6 +75,15 @@ def build_learner(way: int, *, arch: str = "conv4", width: int = 64, norm: str =
     return model
 
 
+def learner_from_config(lrn: LearnerConfig, *, mean: Sequence[float] | None = None,
+                        std: Sequence[float] | None = None, rng: torch.Generator | None = None) -> Normalized:
+    """:func:`build_learner` for a :class:`~free_dfml.common.config.LearnerConfig` (``mean``/``std``
+    default to the configured normalisation, else 0.5 / 0.25)."""
+    return build_learner(lrn.way, arch=lrn.arch, width=lrn.width, norm=lrn.norm, image_size=lrn.image_size,
+                         channels=lrn.channels, mean=lrn.norm_mean if mean is None else mean,
+                         std=lrn.norm_std if std is None else std, rng=rng)
+
+
 def zoo_normalisation(metas: Sequence, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
     """Mean over the teachers (with ``channels`` input channels) of their mean and std; None if none."""
     ms = [m for m in metas if m.input_shape[0] == channels]
@@ -96,27 +108,22 @@ def distill_loss(teacher: Teacher, student_logits: torch.Tensor, images: torch.T
 
 
 class MetaLearner:
-    def __init__(self, model: nn.Module, *, way: int = 5, inner_lr: float = 0.01,
-                 replay_steps: int = 5, meta_batch: int = 10, replay_shot: int = 1,
-                 replay_query: int = 15, outer_lr: float = 1e-3, second_order: bool = False,
-                 patience: int = 10, max_batches: int = 100, augment: str = "none",
-                 bell_lr: float = 1e-4,
-                 bell_optimizer: str = "adam", beta: float = 0.5, bell_head: bool = True,
-                 device: torch.device | str = "cpu"):
-        if bell_optimizer not in ("adam", "sgd"):
-            raise ValueError("bell_optimizer must be 'adam' or 'sgd'")
-        if augment not in AUGMENTS:
-            raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
-        self.augment = augment
+    """The meta-learner ``model`` and its outer Adam (``replay.outer_lr``); ``replay`` and ``bell``
+    default to their sections' defaults."""
+
+    def __init__(self, model: nn.Module, replay: ReplayConfig | None = None, bell: BellConfig | None = None,
+                 *, way: int = 5, inner_lr: float = 0.01, device: torch.device | str = "cpu"):
+        self.replay_cfg = replay = replay if replay is not None else ReplayConfig()
+        self.bell_cfg = bell = bell if bell is not None else BellConfig()
+        if bell.optimizer not in ("adam", "sgd"):
+            raise ValueError("bell.optimizer must be 'adam' or 'sgd'")
+        if replay.augment not in AUGMENTS:
+            raise ValueError(f"replay.augment must be one of {AUGMENTS}, got {replay.augment!r}")
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.model.train()
-        self.way, self.inner_lr, self.replay_steps, self.meta_batch = way, inner_lr, replay_steps, meta_batch
-        self.replay_shot, self.replay_query = replay_shot, replay_query
-        self.second_order, self.patience, self.max_batches = second_order, patience, max_batches
-        self.bell_lr, self.bell_optimizer, self.beta = bell_lr, bell_optimizer, beta
-        self.bell_head = bell_head
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=outer_lr)
+        self.way, self.inner_lr = way, inner_lr
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=replay.outer_lr)
 
     # ---------------------------------------------------------------------------------- student
     def student(self):
@@ -131,14 +138,16 @@ class MetaLearner:
         """Sequential distillation over ``items`` = (teacher, images, labels, subset), then the
         Reptile-style interpolation ``theta += beta * (theta' - theta)``. Returns the mean KL.
 
-        With ``bell_head=False`` the interpolation skips the linear head: theta' still trains its
+        With ``bell.head=False`` the interpolation skips the linear head: theta' still trains its
         head in the sequence (each teacher in its own local label order), but only the feature
         extractor keeps the step, so BELL does not pull the head that replay meta-learns towards
         the arbitrary label orders of the teachers drawn.
 
-        With ``augment="color"`` and an ``rng``, the meta-learner sees colour-augmented copies of
+        With ``replay.augment="color"`` and an ``rng``, the meta-learner sees colour-augmented copies of
         the images while the teacher's targets come from the images as recovered, so BELL, like
         replay, cannot fit the teachers' colour statistics instead of shapes."""
+        cfg = self.bell_cfg
+        color = self.replay_cfg.augment == "color"
         fast = parameters_of(self.model, detach=True)
         buffers = buffers_of(self.model)
         state = AdamState()
@@ -147,21 +156,21 @@ class MetaLearner:
             x, y = x.to(self.device), y.to(self.device)
             with torch.no_grad():
                 t_logits = teacher.logits(x)
-            xs = color_augment(x, rng) if self.augment == "color" and rng is not None else x
+            xs = color_augment(x, rng) if color and rng is not None else x
             with torch.enable_grad():
                 loss = distill_loss(teacher, forward(self.model, fast, xs, buffers), x, y, subset,
                                     teacher_logits=t_logits)
                 grads = dict(zip(fast, torch.autograd.grad(loss, list(fast.values()))))
             losses.append(float(loss.detach()))
-            if self.bell_optimizer == "adam":
-                fast = adam_update(fast, grads, state, lr=self.bell_lr)
+            if cfg.optimizer == "adam":
+                fast = adam_update(fast, grads, state, lr=cfg.lr)
             else:
-                fast = {k: (v.detach() - self.bell_lr * grads[k]).requires_grad_(True)
+                fast = {k: (v.detach() - cfg.lr * grads[k]).requires_grad_(True)
                         for k, v in fast.items()}
         with torch.no_grad():
             for k, p in self.model.named_parameters():
-                if self.bell_head or not is_head_key(k):
-                    p.add_(fast[k].detach() - p, alpha=self.beta)
+                if cfg.head or not is_head_key(k):
+                    p.add_(fast[k].detach() - p, alpha=cfg.beta)
         return {"bell_kl": sum(losses) / max(1, len(losses))}
 
     # ------------------------------------------------------------------------------------- MAML
@@ -173,8 +182,8 @@ class MetaLearner:
             sx, sy, qx, qy = (t.to(self.device) for t in (sx, sy, qx, qy))
             buffers = buffers_of(self.model)
             with torch.enable_grad():
-                fast = adapt(self.model, sx, sy, steps=self.replay_steps, lr=self.inner_lr,
-                             buffers=buffers, second_order=self.second_order)
+                fast = adapt(self.model, sx, sy, steps=self.replay_cfg.inner_steps, lr=self.inner_lr,
+                             buffers=buffers, second_order=self.replay_cfg.second_order)
                 logits = forward(self.model, fast, qx, buffers)
                 loss = F.cross_entropy(logits, qy)
                 loss.backward()    # per episode: gradients add up (summed meta-batch), graphs freed
@@ -186,17 +195,19 @@ class MetaLearner:
 
     def replay(self, bank: MemoryBank, rng: torch.Generator, *, max_batches: int | None = None
                ) -> dict[str, float]:
-        """MAML meta-batches from the bank until accuracy stalls for ``patience`` batches (or the cap)."""
-        cap = self.max_batches if max_batches is None else max_batches
-        if cap <= 0 or not bank.can_sample(self.way, self.replay_shot, self.replay_query):
+        """MAML meta-batches from the bank until accuracy stalls for ``replay.patience`` batches (or
+        the cap, ``replay.max_batches`` unless given)."""
+        cfg = self.replay_cfg
+        cap = cfg.max_batches if max_batches is None else max_batches
+        if cap <= 0 or not bank.can_sample(self.way, cfg.shot, cfg.query):
             return {"replay_batches": 0}
         best, since, n, loss, acc = -1.0, 0, 0, float("nan"), float("nan")
         while n < cap:
             eps = []
-            for _ in range(self.meta_batch):
-                e = bank.sample_episode(self.way, self.replay_shot, self.replay_query, rng)
+            for _ in range(cfg.meta_batch):
+                e = bank.sample_episode(self.way, cfg.shot, cfg.query, rng)
                 sx, qx = e.support_x, e.query_x
-                if self.augment == "color":
+                if cfg.augment == "color":
                     sx, qx = color_augment(sx, rng), color_augment(qx, rng)
                 eps.append((sx, e.support_y, qx, e.query_y))
             loss, acc = self.maml_step(eps)
@@ -205,6 +216,6 @@ class MetaLearner:
                 best, since = acc, 0
             else:
                 since += 1
-                if since >= self.patience:
+                if since >= cfg.patience:
                     break
         return {"replay_batches": n, "replay_loss": loss, "replay_acc": acc, "replay_best_acc": best}

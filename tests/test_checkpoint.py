@@ -22,7 +22,7 @@ def _state(tr: FreeTrainer) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("inversion", ["five", "scratch"])
 def test_resume_matches_uninterrupted_run(tmp_path, tiny_zoo, inversion):
-    cfg = FreeConfig.preset("tiny", warmup=1, scratch_steps=3, inversion=inversion)
+    cfg = FreeConfig.preset("tiny", schedule={"warmup": 1}, generator={"scratch_steps": 3, "inversion": inversion})
     full = FreeTrainer(tiny_zoo, cfg, state_dir=tmp_path / "a", device="cpu")
     full.run(4, progress=False)
 
@@ -48,7 +48,7 @@ def test_checkpoint_is_plain_safetensors_with_json(tmp_path, tiny_zoo):
     with safe_open(str(path), "pt") as f:
         keys = list(f.keys())
         doc = json.loads(f.metadata()["free_dfml_checkpoint"])
-    assert doc["iteration"] == 1 and doc["config"]["ngf"] == 8
+    assert doc["iteration"] == 1 and doc["config"]["generator"]["ngf"] == 8
     assert any(k.startswith("opt.generator.") for k in keys)
     assert "rng.trainer" in keys and any(k.startswith("bank.") for k in keys)
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
@@ -59,8 +59,33 @@ def test_checkpoint_is_plain_safetensors_with_json(tmp_path, tiny_zoo):
 
 def test_resume_refuses_a_different_config(tmp_path, tiny_zoo):
     FreeTrainer(tiny_zoo, FreeConfig.preset("tiny"), state_dir=tmp_path, device="cpu").checkpoint()
-    other = FreeTrainer(tiny_zoo, FreeConfig.preset("tiny", ngf=4), state_dir=tmp_path, device="cpu")
-    with pytest.raises(ValueError, match="ngf"):
+    other = FreeTrainer(tiny_zoo, FreeConfig.preset("tiny", generator={"ngf": 4}), state_dir=tmp_path,
+                        device="cpu")
+    with pytest.raises(ValueError, match=r"differs in generator\.ngf"):
         other.resume()
     assert not FreeTrainer(tiny_zoo, FreeConfig.preset("tiny"), state_dir=tmp_path / "none",
                            device="cpu").resume()
+
+
+def test_resume_reads_a_checkpoint_written_with_the_flat_config(tmp_path, tiny_zoo):
+    """Checkpoints of the single-level config (``{"gen_lr": ..., "bank_capacity": ...}``) still resume,
+    and a schedule change (more iterations, a checkpoint cadence) is still allowed."""
+    from free_dfml.common.config import FLAT_KEYS
+    from free_dfml.server.checkpoint import save_checkpoint
+    cfg = FreeConfig.preset("tiny")
+    tr = FreeTrainer(tiny_zoo, cfg, state_dir=tmp_path, device="cpu")
+    tr.step()
+    path = tr.checkpoint()
+    tensors, meta = load_checkpoint(path)
+    nested = cfg.flat()
+    flat = {old: nested[f"{s}.{f}"] for old, (s, f) in FLAT_KEYS.items()}
+    flat["batched_inversion"] = "auto"
+    meta["config"] = flat
+    save_checkpoint(path, tensors, meta)
+    later = FreeTrainer(tiny_zoo, cfg.replace(iterations=9, checkpoint_every=3), state_dir=tmp_path, device="cpu")
+    assert later.resume() and later.iteration == 1
+    assert all(torch.equal(v, tr.learner.state_dict()[k]) for k, v in later.learner.state_dict().items())
+    flat["gen_lr"] = 0.5
+    save_checkpoint(path, tensors, meta)
+    with pytest.raises(ValueError, match=r"differs in generator\.lr"):
+        FreeTrainer(tiny_zoo, cfg, state_dir=tmp_path, device="cpu").resume()

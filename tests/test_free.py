@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from free_dfml.common.adaptation import adapt, buffers_of, forward
+from free_dfml.common.config import BellConfig, ReplayConfig
 from free_dfml.common.datasets import to_float
 from free_dfml.common.models import Normalized, build_model, is_head_key
 from free_dfml.server.generator import Generator, to_teacher_input
@@ -196,16 +198,17 @@ def test_bank_bound_is_global_and_drops_the_longest_unwritten_keys():
 
 
 def test_trainer_bank_bound_holds_over_many_models(tiny_zoo):
-    cfg = FreeConfig.preset("tiny", teachers_per_iter=3, warmup=5)
-    ring = MemoryBank.ring_bytes(cfg.bank_capacity, (3, 32, 32), torch.uint8)
-    bounded = FreeConfig.preset("tiny", teachers_per_iter=3, warmup=5,
-                                bank_max_mb=(2 * cfg.way + 1) * ring / 2 ** 20)
+    cfg = FreeConfig.preset("tiny", schedule={"teachers_per_iter": 3, "warmup": 5})
+    ring = MemoryBank.ring_bytes(cfg.bank.capacity, (3, 32, 32), torch.uint8)
+    assert ring == cfg.bank_ring_bytes()
+    way = cfg.learner.way
+    bounded = cfg.replace(bank={"max_mb": (2 * way + 1) * ring / 2 ** 20})
     tr = FreeTrainer(tiny_zoo, bounded, device="cpu")
     for _ in range(3):
         tr.step()
-        assert len(tr.bank.keys()) <= 2 * cfg.way + 1
+        assert len(tr.bank.keys()) <= 2 * way + 1
     assert tr.bank.evicted > 0
-    with pytest.raises(ValueError, match="bank_max_mb"):
+    with pytest.raises(ValueError, match="bank.max_mb"):
         FreeConfig.preset("tiny", bank_max_mb=ring / 2 ** 20).validate()
 
 def test_bank_holds_every_teacher_and_gives_valid_cross_model_episodes(tiny_zoo):
@@ -216,7 +219,7 @@ def test_bank_holds_every_teacher_and_gives_valid_cross_model_episodes(tiny_zoo)
     assert len(picked) == 3                                   # ALL T teachers' images stored
     for m in picked:
         for c in range(4):
-            assert tr.bank.count(f"{m}:{c}") == cfg.samples_per_class
+            assert tr.bank.count(f"{m}:{c}") == cfg.generator.samples_per_class
     ep = tr.bank.sample_episode(5, 1, 2, torch.Generator().manual_seed(0))
     assert ep.support_x.shape == (5, 3, 32, 32) and ep.query_x.shape == (10, 3, 32, 32)
     assert ep.support_y.tolist() == [0, 1, 2, 3, 4]
@@ -269,7 +272,7 @@ def test_bell_moves_parameters_toward_sequentially_adapted_copy(tiny_packages, o
     lr = 0.5 if optimizer == "sgd" else 1e-2
     theta_prime = _sequential_reference(learner, teachers, xs, ys,
                                         torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam, lr)
-    ml = MetaLearner(learner, way=5, bell_lr=lr, bell_optimizer=optimizer, beta=0.3)
+    ml = MetaLearner(learner, bell=BellConfig(lr=lr, optimizer=optimizer, beta=0.3), way=5)
     ml.bell([(t, x, y, None) for t, x, y in zip(teachers, xs, ys)])
     for k, p in learner.named_parameters():
         if optimizer == "adam" and k.endswith("bias") and "features" in k:
@@ -289,7 +292,7 @@ def test_bell_without_head_keeps_the_head_and_moves_the_features_as_with_it(tiny
     for head in (True, False):
         learner = build_learner(5, width=8, rng=torch.Generator().manual_seed(0))
         theta = {k: v.detach().clone() for k, v in learner.named_parameters()}
-        MetaLearner(learner, way=5, bell_lr=0.5, bell_optimizer="sgd", beta=0.3, bell_head=head).bell(items)
+        MetaLearner(learner, bell=BellConfig(lr=0.5, optimizer="sgd", beta=0.3, head=head), way=5).bell(items)
         moved[head] = {k: not torch.equal(p.detach(), theta[k]) for k, p in learner.named_parameters()}
         after = {k: p.detach().clone() for k, p in learner.named_parameters()}
         if head:
@@ -315,8 +318,8 @@ def test_maml_replay_lowers_query_loss(fake_dataset):
         idx = torch.nonzero(data.labels == c).flatten()
         bank.add(f"m{c // 5}", to_float(data.images[idx]), torch.full((len(idx),), c % 5))
     learner = build_learner(5, width=8, rng=torch.Generator().manual_seed(0))
-    ml = MetaLearner(learner, way=5, inner_lr=0.05, replay_steps=3, meta_batch=4, replay_shot=1,
-                     replay_query=5, outer_lr=3e-3, patience=100, max_batches=15)
+    ml = MetaLearner(learner, ReplayConfig(inner_steps=3, meta_batch=4, shot=1, query=5, outer_lr=3e-3,
+                                           patience=100, max_batches=15), way=5, inner_lr=0.05)
     fixed = [bank.sample_episode(5, 1, 5, torch.Generator().manual_seed(s)) for s in range(6)]
 
     def query_loss() -> float:
@@ -338,8 +341,8 @@ def test_maml_replay_lowers_query_loss(fake_dataset):
 def test_replay_stops_on_patience(fake_dataset):
     bank = MemoryBank(capacity=10, image_shape=(3, 32, 32))
     bank.add("m", torch.rand(50, 3, 32, 32), torch.arange(5).repeat(10))
-    ml = MetaLearner(build_learner(5, width=4), way=5, meta_batch=1, replay_query=1, patience=2,
-                     max_batches=50, outer_lr=0.0)
+    ml = MetaLearner(build_learner(5, width=4), ReplayConfig(meta_batch=1, query=1, patience=2,
+                                                             max_batches=50, outer_lr=0.0), way=5)
     out = ml.replay(bank, torch.Generator().manual_seed(0))
     assert out["replay_batches"] < 50
 
@@ -398,12 +401,82 @@ def test_config_round_trip_and_presets():
     for name in ("paper", "quick", "tiny"):
         cfg = FreeConfig.preset(name)
         assert FreeConfig.from_dict(cfg.to_dict()) == cfg
+        assert FreeConfig.from_dict(json.loads(cfg.to_json())) == cfg
     paper = FreeConfig.preset("paper")
-    assert (paper.teachers_per_iter, paper.inner_steps, paper.samples_per_class, paper.nz, paper.ngf,
-            paper.warmup, paper.meta_batch, paper.replay_steps, paper.patience) == (4, 5, 20, 256, 64,
-                                                                                 20, 10, 5, 10)
-    with pytest.raises(ValueError, match="unknown FreeConfig key"):
+    assert paper == FreeConfig()
+    g, r, s = paper.generator, paper.replay, paper.schedule
+    assert (s.teachers_per_iter, g.inner_steps, g.samples_per_class, g.nz, g.ngf,
+            s.warmup, r.meta_batch, r.inner_steps, r.patience) == (4, 5, 20, 256, 64, 20, 10, 5, 10)
+    # the presets' values, written in the flat keys they were defined with
+    assert FreeConfig.preset("quick") == FreeConfig().replace(
+        ngf=16, nz=64, samples_per_class=10, warmup=5, iterations=60, gen_lr=1e-2, max_replay_batches=10,
+        patience=5, meta_batch=4, replay_query=5, replay_augment="color", bank_capacity=100,
+        learner_width=32, checkpoint_every=20, inner_lr=0.1)
+    assert FreeConfig.preset("tiny") == FreeConfig().replace(
+        ngf=8, nz=16, samples_per_class=4, teachers_per_iter=2, inner_steps=2, warmup=1, iterations=4,
+        max_replay_batches=2, patience=2, meta_batch=2, replay_query=2, bank_capacity=16, learner_width=8,
+        checkpoint_every=2)
+    with pytest.raises(ValueError, match="unknown FreeConfig key 'nope'"):
         FreeConfig.from_dict({"nope": 1})
+    with pytest.raises(ValueError, match="unknown preset"):
+        FreeConfig.preset("demo")
+
+
+def test_config_sections_flat_keys_and_dotted_keys_mean_the_same():
+    from free_dfml.common.config import FLAT_KEYS, SECTIONS
+    nested = FreeConfig.preset("tiny", generator={"lr": 0.01, "jitter": 2}, bell={"enabled": False},
+                               learner={"adapt_steps": 7})
+    flat = FreeConfig.preset("tiny", gen_lr=0.01, inversion_jitter=2, align=False, eval_steps=7)
+    dotted = FreeConfig.preset("tiny", **{"generator.lr": 0.01, "generator.jitter": 2, "bell.enabled": False,
+                                          "learner.adapt_steps": 7})
+    assert nested == flat == dotted
+    assert nested.generator.lr == 0.01 and nested.learner.adapt_steps == 7 and not nested.bell.enabled
+    d = nested.to_dict()
+    assert set(d) == set(SECTIONS) and d["generator"]["betas"] == [0.5, 0.999]
+    # every flat key of the single-level config has its own place in the tree
+    assert len(FLAT_KEYS) == len(set(FLAT_KEYS.values())) == len(nested.flat()) == 49
+    assert {batched: FreeConfig.preset("tiny", batched_inversion=batched).generator.engine
+            for batched in (True, False, "auto")} == {True: "grouped", False: "loop", "auto": "auto"}
+    with pytest.raises(ValueError, match=r"unknown FreeConfig key generator\.gen_lr \(section generator has"):
+        FreeConfig.from_dict({"generator": {"gen_lr": 0.1}})
+    with pytest.raises(ValueError, match="given twice"):
+        FreeConfig.from_dict({"gen_lr": 0.1, "generator": {"lr": 0.2}})
+    with pytest.raises(ValueError, match="section bank must be a table"):
+        FreeConfig.from_dict({"bank": 3})
+    with pytest.raises(ValueError, match="unknown FreeConfig key 'nope.x'"):
+        FreeConfig.from_dict({"nope.x": 1})
+
+
+def test_config_module_does_not_import_torch():
+    import subprocess
+    import sys
+    code = ("import sys; import free_dfml.common.config, free_dfml.common.presets; "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_study_presets_are_one_registry():
+    from free_dfml.common.presets import NAMES, study
+    assert NAMES == ("tiny", "demo", "quick", "paper")
+    assert study("full") == study("paper") and study("smoke") == study("tiny")
+    demo, quick = study("demo"), study("quick")
+    # the demo: `free-sim run --preset demo` (FREE quick, Conv4-32 learner, 80 iterations, tracked every 20)
+    assert demo.free == FreeConfig.preset("quick", learner_width=32, iterations=80, eval_every=20)
+    assert (demo.clients.count, demo.clients.width, demo.clients.epochs, demo.clients.lr,
+            demo.clients.batch_size, demo.data.images_per_class) == (20, 32, 20, 0.01, 32, 100)
+    assert (demo.evaluation.episodes, demo.evaluation.track_every, demo.evaluation.track_episodes) == (300, 20, 100)
+    assert quick.data == demo.data and quick.clients == demo.clients and quick.evaluation.episodes == 600
+    assert study("paper").free.learner.width == 64 and study("paper").free.schedule.iterations == 1000
+    s = study("demo", seed=2, clients={"count": 3}, free={"generator.lr": 0.5})
+    assert (s.seed, s.free.schedule.seed, s.clients.count, s.free.generator.lr) == (2, 2, 3, 0.5)
+    assert study("demo").clients.count == 20            # a fresh copy every time
+    for bad, msg in ((dict(clients={"nope": 1}), "clients.nope"), (dict(nope=1), "nope"),
+                     (dict(free={"nope": 1}), "nope")):
+        with pytest.raises(ValueError, match=msg):
+            study("demo", **bad)
+    with pytest.raises(ValueError, match="unknown preset"):
+        study("huge")
+    json.dumps(study("paper").to_dict())
 
 
 def test_run_stops_on_event_checkpoints_and_exports(tmp_path, tiny_zoo):
@@ -411,13 +484,13 @@ def test_run_stops_on_event_checkpoints_and_exports(tmp_path, tiny_zoo):
 
     from free_dfml.common.package import package_from_bytes
     stop = threading.Event()
-    tr = FreeTrainer(tiny_zoo, FreeConfig.preset("tiny", checkpoint_every=0), state_dir=tmp_path,
+    tr = FreeTrainer(tiny_zoo, FreeConfig.preset("tiny", schedule={"checkpoint_every": 0}), state_dir=tmp_path,
                      device="cpu")
     tr.run(10, progress=False, stop=stop, on_metrics=lambda m: stop.set())
     assert tr.iteration == 1 and (tmp_path / "checkpoint.safetensors").is_file()
     pkg = package_from_bytes(tr.export().to_bytes())
     assert pkg.meta.num_classes == 5 and pkg.meta.training["iteration"] == 1
-    assert pkg.meta.training["inner_lr"] == tr.cfg.inner_lr
+    assert pkg.meta.training["inner_lr"] == tr.cfg.learner.inner_lr
     x = torch.rand(5, 3, 32, 32)
     assert pkg.build()(x).shape == (5, 5)
     # images of a model that is not in the bank yet: inverted on demand, training stream untouched
@@ -451,24 +524,24 @@ def test_color_augment_changes_colour_only_and_follows_the_rng():
 
 
 def test_unknown_replay_augment_is_refused():
-    with pytest.raises(ValueError, match="replay_augment"):
+    with pytest.raises(ValueError, match="replay.augment"):
         FreeConfig.preset("tiny", replay_augment="blur").validate()
 
 
 def test_batched_inversion_auto_means_cuda_only_and_bad_values_are_refused(tiny_zoo):
     auto = FreeConfig.preset("tiny")
-    assert auto.batched_inversion == "auto"
+    assert auto.generator.engine == "auto"
     assert auto.uses_batched_inversion("cuda") and not auto.uses_batched_inversion("cpu")
     assert FreeConfig.preset("tiny", batched_inversion=True).uses_batched_inversion("cpu")
     assert not FreeConfig.preset("tiny", batched_inversion=False).uses_batched_inversion("cuda")
     assert "step" not in FreeTrainer(tiny_zoo, auto, device="cpu").metagen.__dict__   # the loop on CPU
     for bad in ("yes", 1.5, None):
-        with pytest.raises(ValueError, match="batched_inversion"):
+        with pytest.raises(ValueError, match=r"generator.engine \(batched_inversion\)"):
             FreeConfig.preset("tiny", batched_inversion=bad)
 
 
 def test_inversion_jitter_must_be_a_pixel_count_below_the_image_size():
-    assert FreeConfig.preset("tiny", inversion_jitter=2).inversion_jitter == 2
+    assert FreeConfig.preset("tiny", inversion_jitter=2).generator.jitter == 2
     for bad in (-1, 32, 1.5, True):
-        with pytest.raises(ValueError, match="inversion_jitter"):
+        with pytest.raises(ValueError, match=r"generator.jitter \(inversion_jitter\)"):
             FreeConfig.preset("tiny", inversion_jitter=bad)
