@@ -120,9 +120,10 @@ def _headers(doc: dict) -> list[str]:
 
 def markdown(doc: dict, title: str = "FREE demo results") -> str:
     h = _headers(doc)
+    learner = doc["config"]["free_config"]["learner"]
     lines = [f"# {title}", "",
              f"Meta-test split, {doc['config']['eval_episodes']} episodes, 15 queries a class, "
-             f"10 adaptation steps, inner lr {doc['config']['free_config']['inner_lr']} for every method; "
+             f"{learner['adapt_steps']} adaptation steps, inner lr {learner['inner_lr']} for every method; "
              "95% intervals.", "",
              "| " + " | ".join(h) + " |", "|" + "---|" * len(h)]
     lines += ["| " + " | ".join(r) + " |" for r in _rows(doc)]

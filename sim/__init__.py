@@ -1,0 +1,1 @@
+"""free_dfml.sim: the local simulation (drives both the client and the server side)."""
