@@ -4,7 +4,8 @@
                         [--dp-epsilon E --dp-delta D --max-grad-norm C] [--epochs N] [--seed S] ...
     free-client inspect FILE [--json]
     free-client keygen  --out KEY          (for servers with node authentication)
-    free-client submit  --model FILE --server HOST:PORT [--root-cert CA] [--insecure] [--timeout S]
+    free-client audit   --model FILE --data SPEC --classes 0-4 --out DIR   (privacy audit, docs/privacy.md)
+    free-client submit  --model FILE --server HOST:PORT [--root-cert CA] [--insecure] [--timeout S] [--audit DIR]
 
 Only the model package (weights + metadata) ever leaves the machine. ``submit`` validates the
 package, starts a ``flower-supernode`` whose ClientApp answers the server's query with it, waits
@@ -137,6 +138,69 @@ def train(
 
 
 @app.command()
+def audit(
+    model: Path = typer.Option(..., "--model", help="the model package to audit"),
+    data: str = typer.Option(..., "--data", help="the data it was trained on: glyphs | DIR | folder:DIR | cifar-fs:PATH"),
+    classes: str = typer.Option(..., "--classes", help="the classes it was trained on, as given to train"),
+    out: Path = typer.Option(..., "--out", help="folder for report.md, report.json and the image grids"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", min=8, help="default: the model's input size"),
+    images_per_class: Optional[int] = typer.Option(None, "--images-per-class", min=1),
+    seed: Optional[int] = typer.Option(None, "--seed", help="the training seed (default: the package's)"),
+    holdout: float = typer.Option(0.2, "--holdout", help="share of each class held out at training"),
+    preset: str = typer.Option("quick", "--preset", help="the server preset whose inversion the attacks run"),
+    five_iterations: Optional[int] = typer.Option(None, "--five-iterations", min=1),
+    scratch_steps: Optional[int] = typer.Option(None, "--scratch-steps", min=1,
+                                                help="default: twice the preset's scratch_steps"),
+) -> None:
+    """Measure what the model reveals about its training images (inversion, membership), on this machine."""
+    from free_dfml.client.audit import AuditConfig, AuditError, run_audit
+    from free_dfml.client.audit_report import write_report
+    from free_dfml.common.datasets import DataError, open_dataset
+    from free_dfml.common.package import PackageError, load_package
+
+    try:
+        pkg = load_package(model)
+    except PackageError as e:
+        raise CliError(f"invalid package {model}: {e}", 1) from None
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out is a file: {out}")
+    if not 0 < holdout < 1:
+        raise CliError("--holdout must be in (0, 1)")
+    class_list = parse_classes(classes)
+    if seed is None:
+        seed = int((pkg.meta.training or {}).get("seed", 0))
+    try:
+        ds = open_dataset(data, image_size=image_size or int(pkg.meta.input_shape[1]), seed=seed,
+                          images_per_class=images_per_class)
+        private = ds.subset("train", class_list)
+    except DataError as e:
+        raise CliError(str(e)) from None
+    cfg = AuditConfig(preset=preset, five_iterations=five_iterations, scratch_steps=scratch_steps)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    with Progress(TextColumn("audit: {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        try:
+            doc = run_audit(pkg, private, holdout=holdout, seed=seed, cfg=cfg, progress=progress)
+        except (AuditError, DataError, ValueError) as e:
+            raise CliError(str(e).splitlines()[0]) from None
+    doc["data"].update({"spec": data, "class_indices": class_list, "images_per_class": images_per_class})
+    try:
+        write_report(doc, out, command=" ".join(["free-client", *sys.argv[1:]]))
+    except OSError as e:
+        raise CliError(f"cannot write the report to {out}: {e}", 1) from None
+    for line in doc["verdicts"]:
+        print(line)
+    print(f"report: {out / 'report.md'}")
+
+
+@app.command()
 def inspect(file: Path = typer.Argument(..., help="a model package (.safetensors)"),
             as_json: bool = typer.Option(False, "--json", help="print metadata + verdict as JSON")) -> None:
     """Show a package's metadata and whether it is valid (exit 1 if it is not)."""
@@ -209,6 +273,8 @@ def submit(
     no_verify: bool = typer.Option(False, "--no-verify",
                                    help="skip local validation and send the file as it is (to test a server's checks)"),
     keep_logs: Optional[Path] = typer.Option(None, "--log", help="write the SuperNode's log to this file"),
+    audit_dir: Optional[Path] = typer.Option(None, "--audit",
+                                             help="print the verdicts of this audit (free-client audit --out) first"),
 ) -> None:
     """Publish a model package to a FREE server; prints the model id it was stored under."""
     from free_dfml.common.package import PackageError, load_package
@@ -229,6 +295,17 @@ def submit(
         except PackageError as e:
             raise CliError(f"invalid package {model}: {e}", 1) from None
         local_id = pkg.model_id
+        if audit_dir is not None:
+            from free_dfml.client.audit_report import verdicts_for
+            try:
+                lines = verdicts_for(audit_dir, local_id)
+            except ValueError as e:
+                raise CliError(str(e)) from None
+            print(f"free-client: privacy audit of this model ({audit_dir}):", file=sys.stderr)
+            for line in lines:
+                print(f"  {line}", file=sys.stderr)
+    elif audit_dir is not None:
+        raise CliError("--audit needs the package's id: it cannot be used with --no-verify")
     else:
         if not model.is_file():
             raise CliError(f"no such file: {model}")

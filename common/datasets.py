@@ -334,8 +334,20 @@ class FolderDataset(FewShotDataset):
                 seen[c] = s
         return {s: [str(c) for c in spec[s]] for s in SPLITS}
 
+    def subset(self, split: str, classes: Sequence[int]) -> SplitData:
+        """As the base class, but decodes only those classes' image files (the client's privacy
+        audit reads no other class's images; the train split's mean/std still read them all)."""
+        _check_split(split)
+        if split in self._splits:
+            return super().subset(split, classes)
+        names = self.class_split[split]
+        cls = _check_classes(classes, len(names), split)
+        return self._read([names[c] for c in cls])
+
     def _load(self, name: str) -> SplitData:
-        classes = self.class_split[name]
+        return self._read(self.class_split[name])
+
+    def _read(self, classes: list[str]) -> SplitData:
         images, labels = [], []
         for k, c in enumerate(classes):
             files = self._files[c]
