@@ -1,9 +1,9 @@
-"""Batched multi-teacher inversion (``server/batched_inversion.py``) against the sequential loop.
+"""The batched inversion engines (``server/inversion_engine.py``) against the sequential loop.
 
 For T same-architecture teachers (random-init Conv4 of ``batched_width``; timing does not depend on
 what the weights are), three meta-generators start from the same seed; one runs
-``MetaGenerator.step`` (a Python loop over teachers), one ``batched_inversion.five_step`` with its
-default engine (grouped convolutions for these Conv4s), one ``five_step`` with the ``vmap`` engine,
+``MetaGenerator.step`` (a Python loop over teachers), one the ``grouped`` engine's ``five_step``
+(grouped convolutions for these Conv4s), one the ``vmap`` engine's,
 on the same teachers, with the adversarial term against a meta-learner as in training. The first step, from
 identical states, is compared (largest absolute difference of the recovered images, of the
 last-step gradients and of the meta-updated generator); the next ``batched_repeats`` steps are
@@ -32,9 +32,10 @@ from benchmarks.accuracy import free_config
 from benchmarks.common import peak_rss_mb, reset_peak_rss, sync
 from benchmarks.jobs import Ctx, Job
 from free_dfml.common.models import Normalized, build_model
-from free_dfml.server.batched_inversion import engine_for, five_step
+from free_dfml.server.inversion_engine import get_engine
 from free_dfml.server.meta_generator import MetaGenerator, Teacher
 from free_dfml.server.meta_learner import MetaLearner, build_learner
+from free_dfml.server.stacked_nets import nets_for
 
 
 def _teachers(T: int, width: int, cfg, device, seed: int):
@@ -95,7 +96,7 @@ def run(ctx: Ctx, deps: dict) -> dict:
         # step 0, from identical states: the comparison (and the warm-up for this T's shapes)
         a, b = steps["seq"](), steps["bat"]()
         diff = _diff(a, b, seq_mg.generator, bat_mg.generator)
-        engine = engine_for(teachers, bat_mg.generator, learner)
+        engine = nets_for(teachers, bat_mg.generator, learner, prefer_grouped=True).name
         del a, b
         steps["vmap"]()
         times: dict[str, list[float]] = {k: [] for k in steps}
@@ -119,8 +120,8 @@ def run(ctx: Ctx, deps: dict) -> dict:
             row["gpu_peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
         rows.append(row)
         del teachers, seq_mg, bat_mg, vmap_mg, steps
-    f64 = {e: _float64_check(p, cfg, device, e) for e in ("auto", "vmap")}
-    return {"rows": rows, "float64_max_abs_diff": f64["auto"], "float64_max_abs_diff_vmap": f64["vmap"],
+    f64 = {e: _float64_check(p, cfg, device, e) for e in ("grouped", "vmap")}
+    return {"rows": rows, "float64_max_abs_diff": f64["grouped"], "float64_max_abs_diff_vmap": f64["vmap"],
             "engine": engine,
             "device": str(device), "teacher": f"conv4 width {p.batched_width}",
             "images_per_teacher": cfg.way * cfg.samples_per_class, "inner_steps": cfg.inner_steps,
@@ -128,13 +129,14 @@ def run(ctx: Ctx, deps: dict) -> dict:
 
 
 def _steps(seq_mg, bat_mg, vmap_mg, teachers, student, learner) -> dict:
-    """One FIVE step each: the loop, ``five_step`` with its default engine, and with ``vmap``."""
+    """One FIVE step each: the loop, the ``grouped`` engine and the ``vmap`` engine."""
+    grouped, vmap = get_engine("grouped"), get_engine("vmap")
     return {"seq": lambda: seq_mg.step(teachers, lambda_adv=1.0, student=student()),
-            "bat": lambda: five_step(bat_mg, teachers, lambda_adv=1.0, student_model=learner),
-            "vmap": lambda: five_step(vmap_mg, teachers, lambda_adv=1.0, student_model=learner, engine="vmap")}
+            "bat": lambda: grouped.five_step(bat_mg, teachers, lambda_adv=1.0, student_model=learner),
+            "vmap": lambda: vmap.five_step(vmap_mg, teachers, lambda_adv=1.0, student_model=learner)}
 
 
-def _float64_check(p, cfg, device, engine: str = "auto") -> dict:
+def _float64_check(p, cfg, device, engine: str = "grouped") -> dict:
     """The same comparison in float64 (4 teachers, one FIVE step with L_adv, through ``engine``):
     rounding-level agreement."""
     old = torch.get_default_dtype()
@@ -149,7 +151,7 @@ def _float64_check(p, cfg, device, engine: str = "auto") -> dict:
                              betas=tuple(cfg.gen_betas),
                              rng=torch.Generator().manual_seed(p.seed + 1), device=device) for _ in range(2)]
         a = mgs[0].step(teachers, lambda_adv=1.0, student=MetaLearner(learner, device=device).student())
-        b = five_step(mgs[1], teachers, lambda_adv=1.0, student_model=learner, engine=engine)
+        b = get_engine(engine).five_step(mgs[1], teachers, lambda_adv=1.0, student_model=learner)
         return _diff(a, b, mgs[0].generator, mgs[1].generator)
     finally:
         torch.set_default_dtype(old)

@@ -161,8 +161,9 @@ def markdown(doc: dict) -> str:
             L += [f"One FIVE step (k = {bat['inner_steps']} inner steps, {bat['images_per_teacher']} images per "
                   f"teacher, generator nz {bat['generator']['nz']} ngf {bat['generator']['ngf']}, "
                   f"{bat['teacher']} teachers, L_adv on) on `{bat['device']}` with {bat['threads']} thread(s): "
-                  "the sequential loop (`MetaGenerator.step`) against `batched_inversion.five_step`, same seeds, "
-                  f"with its default engine (`{bat.get('engine', 'vmap')}`) and, where measured, with `engine=\"vmap\"`.",
+                  "the sequential loop (the `loop` engine) against the `grouped` engine (networks run as "
+                  f"`{bat.get('engine', 'vmap')}`) and, where measured, the `vmap` engine "
+                  "(`server/inversion_engine.py`), same seeds.",
                   "", "| T | sequential s | batched s | speed-up | vmap s | vmap speed-up | max abs diff images | "
                   "max abs diff grads | peak RSS seq / batched MB |", "|---|---|---|---|---|---|---|---|---|"]
             for r in bat["rows"]:

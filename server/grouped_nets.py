@@ -1,9 +1,9 @@
 """T same-structure networks run as ONE network, with grouped convolutions.
 
-Batched inversion (:mod:`free_dfml.server.batched_inversion`) runs T generator copies and T teachers
-at once. ``torch.func.vmap`` does that for any module, but around every convolution it moves the
-teacher dimension into the channels and back (a copy of every activation, forward and backward),
-and it dispatches each operator through its batching rules. For the networks FREE actually uses,
+The batched inversion engines (:mod:`free_dfml.server.inversion_engine`) run T generator copies
+and T teachers at once. ``torch.func.vmap`` does that for any module, but around every convolution
+it moves the teacher dimension into the channels and back (a copy of every activation, forward and
+backward), and it dispatches each operator through its batching rules. For the networks FREE actually uses,
 this module does the same arithmetic without either cost, in one fixed layout:
 
 * **grouped layout**: a batch for T networks is one tensor ``[n, T*C, H, W]``; channels
@@ -22,8 +22,8 @@ statistics: the generator), else its running statistics, exactly as ``functional
 Supported: :class:`~free_dfml.server.generator.Generator`, and classifiers that are a
 :class:`~free_dfml.common.models.Conv4` (optionally inside
 :class:`~free_dfml.common.models.Normalized`). :func:`supports` says whether a module is one of them;
-anything else (ResNets) goes through ``vmap``. tests/test_benchmarks.py checks both paths against the
-per-teacher loop in float64.
+anything else (ResNets) goes through ``vmap`` (:mod:`~free_dfml.server.stacked_nets` holds both).
+tests/test_benchmarks.py checks both paths against the per-teacher loop in float64.
 """
 
 from __future__ import annotations

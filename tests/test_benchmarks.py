@@ -17,9 +17,11 @@ if str(REPO) not in sys.path:          # `benchmarks` is a top-level folder, not
     sys.path.insert(0, str(REPO))
 
 from free_dfml.common.models import Normalized, build_model  # noqa: E402
-from free_dfml.server import batched_inversion as bi  # noqa: E402
-from free_dfml.server.meta_generator import MetaGenerator, Teacher, invert_from_scratch  # noqa: E402
+from free_dfml.server.inversion_engine import get_engine  # noqa: E402
+from free_dfml.server.meta_generator import MetaGenerator, Teacher  # noqa: E402
 from free_dfml.server.meta_learner import MetaLearner, build_learner  # noqa: E402
+from free_dfml.server.stacked_inversion import group_teachers  # noqa: E402
+from free_dfml.server.stacked_nets import GroupedNets, VmapNets, nets_for  # noqa: E402
 
 
 @pytest.fixture
@@ -74,36 +76,34 @@ def _close(a, b, tol):
                 assert abs(p[k] - q[k]) < tol
 
 
-@pytest.mark.parametrize("lambda_bn,jitter,engine,lr", [(0.0, 0, "auto", 1e-3), (0.1, 0, "auto", 1e-3),
-                                                        (0.1, 3, "auto", 1e-3), (0.1, 3, "vmap", 1e-3),
-                                                        (0.0, 0, "auto", 1e-2)])    # 1e-2: the quick preset's
-def test_batched_five_step_equals_sequential(float64, lambda_bn, jitter, engine, lr, monkeypatch):
+@pytest.mark.parametrize("lambda_bn,jitter,engine,lr", [(0.0, 0, "grouped", 1e-3), (0.1, 0, "grouped", 1e-3),
+                                                        (0.1, 3, "grouped", 1e-3), (0.1, 3, "vmap", 1e-3),
+                                                        (0.0, 0, "grouped", 1e-2)])    # 1e-2: the quick preset's
+def test_batched_engine_five_step_equals_sequential(float64, lambda_bn, jitter, engine, lr, monkeypatch):
     teachers = _zoo()
     learner = build_learner(5, width=8, rng=torch.Generator().manual_seed(3))
     meta = MetaLearner(learner)
     subsets = [None, None, None, None, [0, 2, 3, 5, 6], None, None, None, None, None, None, None, None]
-    assert sorted(map(len, bi.group_teachers(teachers, lambda_bn))) == [1, 2, 2, 2, 2, 4]
-    used = []                                    # which engine ran each stacked group
-    for kind in (bi._GroupedConvEngine, bi._VmapEngine):
+    assert sorted(map(len, group_teachers(teachers, lambda_bn))) == [1, 2, 2, 2, 2, 4]
+    used = []                                    # which networks ran each stacked group
+    for kind in (GroupedNets, VmapNets):
         monkeypatch.setattr(kind, "images", lambda self, p, z, _f=kind.images: used.append(type(self)) or _f(self, p, z))
     seq, bat = (MetaGenerator(nz=16, ngf=8, samples_per_class=3, inner_steps=3, lambda_bn=lambda_bn,
                               jitter=jitter, inner_lr=lr, rng=torch.Generator().manual_seed(1)) for _ in range(2))
+    eng = get_engine(engine)
     for it in range(2):   # two FIVE steps: the meta-update and the RNG streams stay in lockstep
         adv = 0.0 if it == 0 else 1.0
         a = seq.step(teachers, lambda_adv=adv, student=meta.student(), subsets=subsets)
-        b = bi.five_step(bat, teachers, lambda_adv=adv, student_model=learner, subsets=subsets, engine=engine)
+        b = eng.five_step(bat, teachers, lambda_adv=adv, student_model=learner, subsets=subsets)
         _close(a, b, 1e-9)
         for p, q in zip(seq.generator.parameters(), bat.generator.parameters()):
             assert torch.allclose(p, q, atol=1e-9, rtol=0)
-    # auto: the four Conv4 groups as grouped convolutions, the ResNet pair through vmap
-    assert set(used) == ({bi._GroupedConvEngine, bi._VmapEngine} if engine == "auto" else {bi._VmapEngine})
-    # the opaque student callable (per-teacher fallback) gives the same too
-    c = bi.five_step(bat, teachers, lambda_adv=1.0, student=meta.student(), subsets=subsets, engine=engine)
-    d = seq.step(teachers, lambda_adv=1.0, student=meta.student(), subsets=subsets)
-    _close(d, c, 1e-9)
+    # grouped: the four Conv4 groups as grouped convolutions, the ResNet pair through vmap
+    assert set(used) == ({GroupedNets, VmapNets} if engine == "grouped" else {VmapNets})
+    assert "step" not in bat.__dict__ and "step" not in seq.__dict__       # nothing rebound
 
 
-def test_grouped_conv_engine_takes_conv4_and_generator_only(float64):
+def test_grouped_nets_take_conv4_and_generator_only_and_engines_are_named(float64):
     from free_dfml.server import grouped_nets
     from free_dfml.server.generator import Generator
 
@@ -111,13 +111,15 @@ def test_grouped_conv_engine_takes_conv4_and_generator_only(float64):
     assert grouped_nets.supports(_teacher(0).model) and grouped_nets.supports(_teacher(0, norm="gn").model.model)
     assert not grouped_nets.supports(_teacher(1, arch="resnet10", width=4).model)
     resnets = [_teacher(i, arch="resnet10", width=4) for i in (1, 2)]
-    mg = MetaGenerator(nz=16, ngf=8, samples_per_class=2, inner_steps=1, rng=torch.Generator().manual_seed(1))
-    with pytest.raises(ValueError, match="grouped-conv engine runs Conv4"):
-        bi.five_step(mg, resnets, engine="grouped-conv")
-    with pytest.raises(ValueError, match="engine must be one of"):
-        bi.five_step(mg, resnets[:1], engine="fast")      # refused even where no group is stacked
-    assert bi.engine_for(resnets, mg.generator) == "vmap"
-    assert bi.engine_for([_teacher(3), _teacher(4)], mg.generator) == "grouped-conv"
+    convs = [_teacher(3), _teacher(4)]
+    gen = Generator(nz=16, ngf=8)
+    learner = build_learner(5, width=8)
+    assert nets_for(resnets, gen, None, prefer_grouped=True) is VmapNets
+    assert nets_for(convs, gen, learner, prefer_grouped=True) is GroupedNets
+    assert nets_for(convs, gen, build_learner(5, arch="resnet10", width=4), prefer_grouped=True) is VmapNets
+    assert nets_for(convs, gen, learner, prefer_grouped=False) is VmapNets
+    with pytest.raises(ValueError, match="inversion engine must be one of auto, loop, vmap, grouped"):
+        get_engine("fast")
     # the layout helpers invert each other, and roll() shifts each network's images by its own offset
     x = torch.randn(3, 2, 4, 5, 6)
     g = grouped_nets.to_grouped(x)
@@ -128,38 +130,43 @@ def test_grouped_conv_engine_takes_conv4_and_generator_only(float64):
         assert torch.equal(rolled[t], torch.roll(x[t], tuple(shifts[t].tolist()), dims=(-2, -1)))
 
 
-@pytest.mark.parametrize("jitter", [0, 2])
-def test_batched_scratch_equals_sequential(float64, jitter):
-    teachers = _zoo()[:5]
-    kw = dict(nz=16, ngf=8, image_size=32, channels=3, steps=4, per_class=2, jitter=jitter)
-    g = torch.Generator().manual_seed(5)
-    a = [invert_from_scratch(t, rng=g, **kw) for t in teachers]
-    b = bi.scratch_inversions(teachers, rng=torch.Generator().manual_seed(5), **kw)
-    _close(a, b, 1e-9)
+def test_engine_is_chosen_from_config_and_device_or_passed_in(tmp_path, tiny_zoo):
+    """``generator.engine``: "auto" is the loop on CPU and grouped on CUDA; the old on/off switch
+    maps to grouped / loop; a trainer takes the engine it is given."""
+    from free_dfml.common.config import FreeConfig
+    from free_dfml.server.inversion_engine import BatchedEngine, LoopEngine, engine_name, inversion_engine
+    from free_dfml.server.trainer import FreeTrainer
 
-
-def test_install_hook_routes_trainer_steps_through_batched(float64, monkeypatch):
-    """``install`` makes a trainer's ``metagen.step(...)`` call the batched step (same results)."""
-    teachers = [_teacher(i) for i in range(4)]
+    assert engine_name("auto", "cpu") == "loop" and engine_name("auto", "cuda") == "grouped"
+    assert engine_name("auto", torch.device("cuda", 0)) == "grouped"
+    assert [engine_name(e, "cpu") for e in ("loop", "vmap", "grouped")] == ["loop", "vmap", "grouped"]
+    assert type(inversion_engine("auto", "cpu")) is LoopEngine
+    assert type(inversion_engine("vmap", "cpu")) is BatchedEngine and inversion_engine("vmap", "cpu").name == "vmap"
+    with pytest.raises(ValueError, match="inversion engine must be one of"):
+        engine_name("batched", "cpu")
+    assert FreeConfig.preset("tiny", batched_inversion=True).generator.engine == "grouped"
+    assert FreeConfig.preset("tiny", batched_inversion=False).generator.engine == "loop"
+    for value in ("vmap", "grouped", "loop", "auto"):
+        assert FreeConfig.preset("tiny", generator={"engine": value}).generator.engine == value
+    with pytest.raises(ValueError, match="engine"):
+        FreeConfig.preset("tiny", generator={"engine": "batched"})
+    # the loop engine is MetaGenerator.step with the learner frozen as MetaLearner.student() freezes it
+    teachers = [_teacher(i) for i in range(3)]
     learner = build_learner(5, width=8, rng=torch.Generator().manual_seed(4))
-    meta = MetaLearner(learner)
-    seq, bat = (MetaGenerator(nz=16, ngf=8, samples_per_class=3, inner_steps=2,
-                              rng=torch.Generator().manual_seed(2)) for _ in range(2))
-    a = seq.step(teachers, lambda_adv=1.0, student=meta.student())
-
-    class _Trainer:   # the two attributes install() uses
-        metagen = bat
-
-    _Trainer.learner = learner
-    calls = []
-    real = bi.five_step
-    monkeypatch.setattr(bi, "five_step", lambda *a, **k: calls.append(1) or real(*a, **k))
-    bi.install(_Trainer)
-    b = bat.step(teachers, lambda_adv=1.0, student=meta.student(), subsets=None)
-    assert calls == [1]
-    _close(a, b, 1e-9)
-    bi.uninstall(_Trainer)
-    assert "step" not in bat.__dict__
+    seq, loop = (MetaGenerator(nz=16, ngf=8, samples_per_class=2, inner_steps=2,
+                               rng=torch.Generator().manual_seed(2)) for _ in range(2))
+    a = seq.step(teachers, lambda_adv=1.0, student=MetaLearner(learner).student(), subsets=[[0, 1, 2, 3, 4]] * 3)
+    b = get_engine("loop").five_step(loop, teachers, lambda_adv=1.0, student_model=learner,
+                                     subsets=[[0, 1, 2, 3, 4]] * 3)
+    for x, y in zip(a, b):
+        assert torch.equal(x.images, y.images) and x.losses == y.losses and "adv" in x.losses[0]
+    assert all(torch.equal(p, q) for p, q in zip(seq.generator.parameters(), loop.generator.parameters()))
+    cfg = FreeConfig.preset("tiny")
+    assert FreeTrainer(tiny_zoo, cfg, device="cpu").engine.name == "loop"
+    assert FreeTrainer(tiny_zoo, FreeConfig.preset("tiny", generator={"engine": "vmap"}),
+                       device="cpu").engine.name == "vmap"
+    given = get_engine("grouped")
+    assert FreeTrainer(tiny_zoo, cfg, device="cpu", engine=given).engine is given
 
 
 def test_tiny_preset_end_to_end(tmp_path):
@@ -206,12 +213,15 @@ def test_tiny_preset_end_to_end(tmp_path):
     assert not (out / "work").exists()
 
 
-def test_trainer_with_batched_inversion_matches_plain_trainer(float64, tmp_path, monkeypatch):
-    """A FreeTrainer with ``batched_inversion=True`` (FIVE steps through ``install``) trains to the same state (float64; the
-    bank's uint8 images decode to float32, patched here to the default dtype)."""
+@pytest.mark.parametrize("engine", ["grouped", "vmap"])
+def test_trainer_with_batched_engine_matches_plain_trainer(float64, tmp_path, monkeypatch, engine):
+    """A FreeTrainer with a batched engine (``generator.engine``) trains to the same state as one with the
+    loop (float64; the bank's uint8 images decode to float32, patched here to the default dtype)."""
+    from free_dfml.common.config import FreeConfig
     from free_dfml.common.package import make_package
+    from free_dfml.server.inversion_engine import BatchedEngine
     from free_dfml.server.memory_bank import MemoryBank
-    from free_dfml.server.trainer import FreeConfig, FreeTrainer
+    from free_dfml.server.trainer import FreeTrainer
     from free_dfml.server.zoo import Zoo
 
     zoo = Zoo(tmp_path / "zoo")
@@ -222,13 +232,17 @@ def test_trainer_with_batched_inversion_matches_plain_trainer(float64, tmp_path,
                              input_shape=(3, 32, 32), mean=(0.5,) * 3, std=(0.3,) * 3))
     monkeypatch.setattr(MemoryBank, "_decode", lambda self, x: x.to(torch.get_default_dtype())
                         / (255 if x.dtype == torch.uint8 else 1))
-    cfg = FreeConfig.preset("tiny", warmup=1, iterations=3)
-    plain = FreeTrainer(zoo, cfg, device="cpu")
-    batched = FreeTrainer(zoo, FreeConfig.preset("tiny", warmup=1, iterations=3, batched_inversion=True),
+    calls = []                                           # the batched engine really runs the FIVE steps
+    real = BatchedEngine.five_step
+    monkeypatch.setattr(BatchedEngine, "five_step", lambda self, *a, **k: calls.append(self.name) or real(self, *a, **k))
+    plain = FreeTrainer(zoo, FreeConfig.preset("tiny", warmup=1, iterations=3), device="cpu")
+    batched = FreeTrainer(zoo, FreeConfig.preset("tiny", warmup=1, iterations=3, generator={"engine": engine}),
                           device="cpu")
-    assert "step" in batched.metagen.__dict__ and "step" not in plain.metagen.__dict__  # the switch installs it
+    assert plain.engine.name == "loop" and batched.engine.name == engine
     plain.run(3, progress=False)
+    assert calls == []
     batched.run(3, progress=False)
+    assert calls == [engine] * 3
     assert any(h.get("replay_batches", 0) > 0 and "bell_kl" in h for h in plain.history)  # L_adv, BELL, replay ran
     for a, b in ((plain.learner, batched.learner), (plain.metagen.generator, batched.metagen.generator)):
         for (k, p), q in zip(a.named_parameters(), b.parameters()):
