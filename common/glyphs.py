@@ -144,8 +144,8 @@ def _one_torch_thread() -> Iterator[None]:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """:func:`free_dfml.common.package.atomic_write_bytes`, its failures as a ``GlyphsError``."""
-    from free_dfml.common.package import atomic_write_bytes
+    """:func:`free_dfml.common.files.atomic_write_bytes`, its failures as a ``GlyphsError``."""
+    from free_dfml.common.files import atomic_write_bytes
     try:
         atomic_write_bytes(path, data)
     except OSError as e:

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -27,13 +26,13 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from free_dfml.common.files import atomic_write_bytes
+from free_dfml.common.limits import MAX_HEADER_BYTES, MAX_PACKAGE_BYTES
 from free_dfml.common.models import ArchitectureError, Normalized, build_model, check_arch_kwargs
 
 FORMAT = "free-dfml/model-package"
 FORMAT_VERSION = 1
 META_KEY = "free_dfml"
-MAX_PACKAGE_BYTES = 256 * 1024 * 1024   # default cap on a package (file or wire payload)
-MAX_HEADER_BYTES = 1024 * 1024
 MIN_CLASSES, MAX_CLASSES = 2, 1000
 MIN_SIDE, MAX_SIDE = 8, 512
 
@@ -279,25 +278,6 @@ def load_package(path: str | os.PathLike, *, max_bytes: int = MAX_PACKAGE_BYTES)
     if size > max_bytes:
         raise PackageError(f"package is {size} bytes, over the {max_bytes}-byte limit")
     return package_from_bytes(p.read_bytes(), max_bytes=max_bytes)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder + fsync + rename."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def save_package(pkg: ModelPackage, path: str | os.PathLike) -> str:

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from free_dfml.common.package import atomic_write_bytes
+from free_dfml.common.files import atomic_write_bytes
 
 META_KEY = "free_dfml_checkpoint"
 FORMAT = "free-dfml/trainer-checkpoint"

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from free_dfml.common.package import atomic_write_bytes
+from free_dfml.common.files import atomic_write_bytes
 from free_dfml.common.processes import pid_alive
 
 STATUS_REJECTED_KEEP = 50      # rejected submissions listed in status.json (all are in submissions.jsonl)

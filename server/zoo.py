@@ -25,9 +25,9 @@ from pathlib import Path
 
 from torch import nn
 
-from free_dfml.common.package import (ModelMeta, ModelPackage, PackageError, _header_meta,
-                                      atomic_write_bytes, load_package, package_from_tensors,
-                                      parse_meta)
+from free_dfml.common.files import atomic_write_bytes
+from free_dfml.common.package import (ModelMeta, ModelPackage, PackageError, _header_meta, load_package,
+                                      package_from_tensors, parse_meta)
 
 SUFFIX = ".safetensors"
 
