@@ -1,0 +1,77 @@
+"""The FREE server's settings: one dataclass, carried as the Flower run config in deployment
+(``free-server start`` writes it into the app's pyproject; keys with dashes) and passed in directly
+in simulation."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+from free_dfml.common.limits import MAX_PACKAGE_BYTES
+
+if TYPE_CHECKING:
+    from free_dfml.server.zoo import Zoo
+
+
+@dataclass
+class ServerSettings:
+    state_dir: str = "free-server-state"
+    poll_interval: float = 0.5
+    status_every: float = 1.0
+    checkpoint_every: int = 20
+    min_models: int = 1                 # models in the zoo before FREE starts training
+    max_payload_bytes: int = MAX_PACKAGE_BYTES
+    device: str = "auto"
+    train: bool = True
+    preset: str = "quick"               # FreeConfig preset
+    free_config: dict[str, Any] = field(default_factory=dict)   # FreeConfig overrides
+    max_iterations: int = 0             # 0: train as long as the server runs
+    expected_models: int = 0            # simulation: replies to wait for before finishing
+    finish_when_done: bool = False      # simulation: return once expected models + max_iterations are done
+    collect_timeout: float = 0.0        # simulation: stop waiting for replies after this (0: forever)
+    supervisor_pid: int = 0             # deployment: stop when this process is gone
+    eval_data: str = ""                 # optional dataset for in-training evaluation (eval_every)
+    eval_split: str = "val"
+    eval_episodes: int = 50
+    threads: int = 0                    # torch threads for training (0: leave as is)
+
+    @classmethod
+    def from_run_config(cls, rc: dict[str, Any]) -> "ServerSettings":
+        kw: dict[str, Any] = {}
+        for f in fields(cls):
+            key = f.name.replace("_", "-")
+            if key not in rc:
+                continue
+            v = rc[key]
+            if f.name == "free_config":
+                v = json.loads(v) if isinstance(v, str) and v.strip() else {}
+            kw[f.name] = v
+        s = cls(**kw)
+        s.max_payload_bytes = int(s.max_payload_bytes)
+        return s
+
+    def to_run_config(self) -> dict[str, Any]:
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "free_config":
+                v = json.dumps(v, sort_keys=True)
+            out[f.name.replace("_", "-")] = v
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def free_config_for(settings: ServerSettings, zoo: "Zoo"):
+    """The FreeConfig: preset + overrides; image size/channels from the first zoo model if not set."""
+    from free_dfml.common.config import FreeConfig, nest
+    over = nest(dict(settings.free_config))
+    ids = zoo.ids()
+    if ids:
+        c, h, _ = zoo.meta(ids[0]).input_shape
+        learner = over.setdefault("learner", {})
+        learner.setdefault("image_size", h)
+        learner.setdefault("channels", c)
+    return FreeConfig.preset(settings.preset, **over)
