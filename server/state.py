@@ -80,6 +80,8 @@ class StateDir:
     def logs_dir(self) -> Path: return self.root / "logs"
     @property
     def exports_dir(self) -> Path: return self.root / "exports"
+    @property
+    def tensorboard_dir(self) -> Path: return self.root / "tensorboard"
 
     def create(self) -> "StateDir":
         for d in (self.root, self.zoo_dir, self.checkpoint_dir, self.flwr_home, self.app_dir, self.logs_dir):

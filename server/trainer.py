@@ -24,7 +24,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -38,6 +38,9 @@ from free_dfml.server.memory_bank import MemoryBank
 from free_dfml.server.meta_generator import MetaGenerator, Teacher, invert_from_scratch
 from free_dfml.server.meta_learner import MetaLearner, learner_from_config, zoo_normalisation
 from free_dfml.server.zoo import Zoo
+
+if TYPE_CHECKING:
+    from free_dfml.server.tensorboard import MetricsSink
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 
@@ -55,12 +58,13 @@ def _fmt(v: Any) -> Any:
 class FreeTrainer:
     def __init__(self, zoo: Zoo, cfg: FreeConfig, *, state_dir: Path | str | None = None,
                  device: str | torch.device = "auto", eval_data=None, eval_episodes: int = 100,
-                 engine: InversionEngine | None = None):
+                 engine: InversionEngine | None = None, sink: MetricsSink | None = None):
         cfg.validate()
         self.zoo, self.cfg = zoo, cfg
         self.device = resolve_device(device)
         # how FIVE steps run their inner loops (same results): given, or generator.engine on this device
         self.engine = engine if engine is not None else inversion_engine(cfg.generator.engine, self.device)
+        self.sink = sink        # told of every iteration's metrics and every checkpoint (e.g. TensorBoard)
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.eval_data, self.eval_episodes = eval_data, eval_episodes
         self.iteration = 0
@@ -157,6 +161,8 @@ class FreeTrainer:
         metrics["step_s"] = time.perf_counter() - t0
         metrics = {k: _fmt(v) for k, v in metrics.items()}
         self.history.append(metrics)
+        if self.sink is not None:
+            self.sink.on_step(self, metrics)
         return metrics
 
     def evaluate(self, data=None, *, shot: int | None = None, episodes: int | None = None) -> dict:
@@ -223,7 +229,10 @@ class FreeTrainer:
         meta = {"iteration": self.iteration, "config": self.cfg.to_dict(), "history": self.history,
                 "norm": [list(self.norm[0]), list(self.norm[1])], "bank": bank_info,
                 "optimizers": {"generator": i_gen, "learner": i_lrn}}
-        return ckpt.save_checkpoint(self.checkpoint_path, tensors, meta)
+        path = ckpt.save_checkpoint(self.checkpoint_path, tensors, meta)
+        if self.sink is not None:
+            self.sink.on_checkpoint(self)
+        return path
 
     @classmethod
     def from_state(cls, state, device: str | torch.device = "auto") -> "FreeTrainer":

@@ -57,6 +57,7 @@ class TrainerRunner:
         try:
             import torch
 
+            from free_dfml.server.tensorboard import TrainingBoard
             from free_dfml.server.trainer import FreeTrainer
             cfg = free_config_for(s, self.zoo)
             eval_data = self.eval_data
@@ -67,6 +68,7 @@ class TrainerRunner:
             if s.threads:
                 torch.set_num_threads(int(s.threads))
             self.trainer = FreeTrainer(self.zoo, cfg, state_dir=self.state.checkpoint_dir, device=s.device,
+                                       sink=TrainingBoard(self.state.tensorboard_dir),
                                        eval_data=eval_data, eval_episodes=s.eval_episodes)
             self.resumed = self.trainer.resume()
             LOG.info("FREE trainer ready (%s, iteration %d)", "resumed from checkpoint" if self.resumed
@@ -99,6 +101,7 @@ class TrainerRunner:
             LOG.error("FREE training stopped on an error: %s\n%s", self.error, traceback.format_exc())
         finally:
             self._checkpoint()
+            t.sink.close()
             self.done = True
 
     def _checkpoint(self) -> None:
