@@ -26,6 +26,7 @@ import torch
 from free_dfml.common import glyphs as _glyphs
 
 SPLITS = ("train", "val", "test")
+ALL = "all"                       # every class of a data set (a folder: every class folder)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
@@ -123,6 +124,19 @@ class FewShotDataset:
     def classes(self, split: str) -> list[str]:
         """The class names of a split (cheap for glyphs: no rendering)."""
         return list(self.split(split).classes)
+
+    def all_classes(self) -> SplitData:
+        """Every class of the data set as one SplitData: the three splits, in split order."""
+        parts = [self.split(s) for s in SPLITS]
+        parts = [p for p in parts if p.num_classes]
+        offsets = torch.tensor([0] + [p.num_classes for p in parts]).cumsum(0).tolist()
+        return SplitData(torch.cat([p.images for p in parts]),
+                         torch.cat([p.labels + off for p, off in zip(parts, offsets)]),
+                         [c for p in parts for c in p.classes])
+
+    def select(self, split: str) -> SplitData:
+        """``split`` as in :meth:`split`, or ``"all"`` for :meth:`all_classes`."""
+        return self.all_classes() if split == ALL else self.split(split)
 
     def subset(self, split: str, classes: Sequence[int]) -> SplitData:
         """Just the images of ``classes`` (indices into the split), relabelled 0..k-1 in the given order."""
@@ -269,8 +283,9 @@ class FolderDataset(FewShotDataset):
     """A folder per class (torchvision ``ImageFolder`` layout).
 
     The class split comes from ``split_file`` when given, else ``ROOT/split.json`` when present
-    (``{"train": [dir, ...], "val": [...], "test": [...]}``), else a seeded 64/16/20 split of the
-    class folders. Images are resized (shorter side) and centre-cropped to ``image_size``.
+    (``{"train": [dir, ...], "val": [...], "test": [...]}``; a split may be empty or left out, e.g.
+    every class in ``test`` for evaluation only, and is an error only when it is used), else a seeded
+    64/16/20 split of the class folders. :meth:`all_classes` is every class folder, whatever the split. Images are resized (shorter side) and centre-cropped to ``image_size``.
     ``images_per_class`` keeps the first images of each class in file-name order (and requires
     at least that many). Mean/std come from the train split.
     """
@@ -289,6 +304,7 @@ class FolderDataset(FewShotDataset):
         self.images_per_class = images_per_class
         self.image_shape = (1 if grayscale else 3, self.image_size, self.image_size)
         self._files = self._scan()
+        self.split_file: Path | None = None
         self.class_split = self._class_split(split_file)
         if images_per_class is not None:
             short = [(c, len(f)) for c, f in self._files.items()
@@ -318,12 +334,14 @@ class FolderDataset(FewShotDataset):
             spec = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise DataError(f"folder data set: cannot read split file {path}: {e}") from None
-        if not isinstance(spec, dict) or any(not isinstance(spec.get(s), list) for s in SPLITS):
-            raise DataError(f"split file {path} must be a JSON object with lists 'train', 'val', 'test'")
+        if not isinstance(spec, dict) or any(not isinstance(spec.get(s, []), list) for s in SPLITS) \
+                or not any(spec.get(s) for s in SPLITS):
+            raise DataError(f"split file {path} must be a JSON object with lists 'train', 'val', 'test' "
+                            "(at least one of them not empty)")
+        spec = {s: spec.get(s, []) for s in SPLITS}
+        self.split_file = path
         seen: dict[str, str] = {}
         for s in SPLITS:
-            if not spec[s]:
-                raise DataError(f"split file {path}: split {s!r} is empty")
             for c in spec[s]:
                 c = str(c)
                 if c not in self._files:
@@ -340,18 +358,36 @@ class FolderDataset(FewShotDataset):
         _check_split(split)
         if split in self._splits:
             return super().subset(split, classes)
-        names = self.class_split[split]
+        names = self._names(split)
         cls = _check_classes(classes, len(names), split)
         return self._read([names[c] for c in cls])
 
+    def _names(self, split: str) -> list[str]:
+        names = self.class_split[split]
+        if not names:
+            raise DataError(f"folder data set: split {split!r} is empty in split file {self.split_file}")
+        return names
+
     def _load(self, name: str) -> SplitData:
-        return self._read(self.class_split[name])
+        return self._read(self._names(name))
+
+    @property
+    def class_folders(self) -> list[str]:
+        """Every class folder holding images, sorted by name."""
+        return sorted(self._files)
+
+    def all_classes(self) -> SplitData:
+        """Every class folder (sorted by name), whether or not the split file lists it."""
+        return self._read(self.class_folders)
 
     def _read(self, classes: list[str]) -> SplitData:
         images, labels = [], []
         for k, c in enumerate(classes):
             files = self._files[c]
             if self.images_per_class is not None:
+                if len(files) < self.images_per_class:
+                    raise DataError(f"folder data set: class {c!r} has only {len(files)} images, "
+                                    f"fewer than images_per_class={self.images_per_class}")
                 files = files[: self.images_per_class]
             for f in files:
                 images.append(_load_image(f, self.image_size, self.grayscale))

@@ -5,7 +5,8 @@
                          [--max-iterations N] [--checkpoint-every N] [--min-models N] [--detach]
     free-server status   [--state DIR] [--json]
     free-server stop     [--state DIR] [--timeout S]
-    free-server evaluate [--state DIR] --data glyphs|DIR|cifar-fs:PATH [--way 5] [--shot 1] [--episodes N]
+    free-server evaluate [--state DIR] --data glyphs|DIR|cifar-fs:PATH [--split auto|all|test|...] [--shot 1]
+                         [--episodes N] [--baselines] [--seed S] [--split-seed S] [--threads N] [--json] [--out F]
     free-server export   [--state DIR] --out FILE
     free-server register-node [--state DIR] --key CLIENT.pub [--name NAME]   (with start --node-auth)
 
@@ -264,63 +265,71 @@ def _existing_state(state_dir: Path) -> StateDir:
 
 
 def load_trainer(state: StateDir, device: str = "auto"):
-    from free_dfml.server.checkpoint import CheckpointError, load_checkpoint
-    from free_dfml.server.trainer import CHECKPOINT_NAME, FreeConfig, FreeTrainer
-    from free_dfml.server.zoo import Zoo
-    path = state.checkpoint_dir / CHECKPOINT_NAME
-    if not path.is_file():
-        raise CliError(f"no training checkpoint in {state.root} yet (the server saves one every "
-                       "checkpoint-every iterations and on stop)", 1)
+    from free_dfml.server.checkpoint import CheckpointError
+    from free_dfml.server.trainer import FreeTrainer
     try:
-        _, meta = load_checkpoint(path)
-        cfg = FreeConfig.from_dict(meta["config"])
-        trainer = FreeTrainer(Zoo(state.zoo_dir), cfg, state_dir=state.checkpoint_dir, device=device)
-        trainer.resume()
+        return FreeTrainer.from_state(state, device)
+    except FileNotFoundError as e:
+        raise CliError(str(e), 1) from None
     except (CheckpointError, KeyError, ValueError) as e:
         raise CliError(f"cannot load the checkpoint: {e}", 1) from None
-    return trainer
 
 
 @app.command()
 def evaluate(
     state_dir: Path = STATE_OPT,
-    data: str = typer.Option(..., "--data", help="glyphs | DIR | cifar-fs:PATH (its test split is used)"),
-    way: int = typer.Option(5, "--way", min=2),
+    data: str = typer.Option(..., "--data", help="glyphs | DIR | folder:DIR[?split=FILE.json] | cifar-fs:PATH"),
+    split: str = typer.Option("auto", "--split",
+                              help="all | train | val | test | auto (default): every class of a folder without "
+                                   "split file, else the test split (a folder's split.json, glyphs, CIFAR-FS)"),
+    way: Optional[int] = typer.Option(None, "--way", min=2, help="default: the meta-learner's"),
     shot: int = typer.Option(1, "--shot", min=1),
     episodes: int = typer.Option(200, "--episodes", min=1),
-    split: str = typer.Option("test", "--split", help="train|val|test"),
+    seed: int = typer.Option(0, "--seed", help="seed of the episodes"),
+    split_seed: int = typer.Option(0, "--split-seed",
+                                   help="seed of the data: a folder's 64/16/20 class split, the glyph rendering"),
+    images_per_class: Optional[int] = typer.Option(
+        None, "--images-per-class", min=1, help="glyphs: images rendered a class (default 40; the demo renders "
+                                                "100); folders: the first N files of each class"),
+    baselines: bool = typer.Option(False, "--baselines",
+                                   help="also score a random start and the zoo average on the same episodes, "
+                                        "with FREE's paired differences"),
+    threads: int = typer.Option(0, "--threads", min=0,
+                                help="torch threads (0: torch's default; the last digits depend on it)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="JSON file to write (default: STATE/last_evaluation.json, "
+                                                             "which free-server status shows)"),
+    as_json: bool = typer.Option(False, "--json", help="print the result document as JSON instead of text"),
     device: str = typer.Option("auto", "--device"),
-    seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Few-shot evaluation of the current meta-learner (from the last checkpoint)."""
-    if split not in ("train", "val", "test"):
-        raise CliError(f"--split must be train, val or test, got {split!r}")
+    """Few-shot evaluation of the current meta-learner (from the last checkpoint).
+
+    The first output line names the data used (data set, split, classes, images)."""
+    from free_dfml.server.evaluation import EvalSpec, EvaluationError, data_line, evaluate_trainer, print_report
+    spec = EvalSpec(data=data, split=split, way=way, shot=shot, episodes=episodes, seed=seed,
+                    split_seed=split_seed, images_per_class=images_per_class, baselines=baselines)
+    try:
+        spec.check()
+    except EvaluationError as e:
+        raise CliError(str(e)) from None
     state = _existing_state(state_dir)
+    target = out if out is not None else state.root / "last_evaluation.json"
+    if target.is_dir() or not target.parent.is_dir():
+        raise CliError(f"--out must be a file in an existing folder: {target}")
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
     trainer = load_trainer(state, device)
-    cfg = trainer.cfg
-    if way != cfg.way:
-        raise CliError(f"the meta-learner is {cfg.way}-way; --way {way} does not match")
-    from free_dfml.common.datasets import DataError, open_dataset
-    from free_dfml.common.evaluation import evaluate as run_eval
     try:
-        ds = open_dataset(data, image_size=cfg.image_size, seed=seed)
-        split_data = ds.split(split)
-    except DataError as e:
+        doc = evaluate_trainer(trainer, spec, progress=not as_json,
+                               on_data=None if as_json else (lambda info: print(data_line(info), flush=True)))
+    except EvaluationError as e:
         raise CliError(str(e)) from None
-    if tuple(ds.image_shape) != (cfg.channels, cfg.image_size, cfg.image_size):
-        raise CliError(f"data is {list(ds.image_shape)} but the meta-learner takes "
-                       f"{[cfg.channels, cfg.image_size, cfg.image_size]}")
-    try:
-        res = run_eval(trainer.learner, split_data, way=way, shot=shot, episodes=episodes, steps=cfg.eval_steps,
-                       lr=cfg.inner_lr, seed=seed, device=trainer.device, progress="evaluating")
-    except ValueError as e:
-        raise CliError(str(e)) from None
-    doc = {"time": time.time(), "iteration": trainer.iteration, "data": data, "split": split,
-           f"eval_{shot}shot": res.mean, f"eval_{shot}shot_ci95": res.ci95, "way": way, "shot": shot,
-           "episodes": episodes}
-    atomic_write_json(state.root / "last_evaluation.json", doc)
-    print(f"FREE meta-learner (iteration {trainer.iteration}), {way}-way {shot}-shot on {data} {split}: {res} "
-          f"({episodes} episodes)")
+    atomic_write_json(target, doc)
+    if as_json:
+        print(json.dumps(doc, indent=2, default=str))
+    else:
+        print_report(doc)
+        print(f"wrote {target}")
 
 
 @app.command()

@@ -17,10 +17,12 @@ from free_dfml.common.evaluation import evaluate
 
 def evaluate_methods(learners: dict[str, nn.Module], test: SplitData, *, way: int, shots: tuple[int, ...],
                      episodes: int, steps: int, lr: float, seed: int, device: torch.device | str,
-                     progress: bool = True, log: Callable[[dict], None] | None = None) -> dict[str, dict]:
+                     progress: bool = True, log: Callable[[dict], None] | None = None,
+                     with_episodes: bool = False) -> dict[str, dict]:
     """Score each learner on the same ``episodes`` episodes (same seed) for every shot count.
 
-    Returns ``{method: {"<shot>shot": EvalResult.to_dict() + eval_s}}``; ``log`` gets one record each.
+    Returns ``{method: {"<shot>shot": EvalResult.to_dict() + eval_s}}`` (``with_episodes``: with the
+    per-episode accuracies, for paired differences); ``log`` gets one record each.
     """
     results: dict[str, dict] = {}
     for name, learner in learners.items():
@@ -31,7 +33,7 @@ def evaluate_methods(learners: dict[str, nn.Module], test: SplitData, *, way: in
             r = evaluate(learner, test, way=way, shot=shot, episodes=episodes, steps=steps, lr=lr,
                          seed=seed, device=device, progress=f"{name} {shot}-shot" if progress else False)
             dt = time.perf_counter() - t0
-            results[name][f"{shot}shot"] = {**r.to_dict(), "eval_s": round(dt, 2)}
+            results[name][f"{shot}shot"] = {**r.to_dict(with_episodes), "eval_s": round(dt, 2)}
             if log is not None:
                 log({"event": "eval", "method": name, **r.to_dict(), "eval_s": dt})
     return results
@@ -102,12 +104,19 @@ def save_recovered_grid(trainer, ids: list[str], path: Path, per_class: int = 4,
 
 
 def _rows(doc: dict) -> list[list[str]]:
+    """One row per method; with ``doc["paired"]`` ({method: {shot key: {mean, ci95}}}, FREE minus
+    that method on the same episodes) a paired-difference column per shot."""
     rows = []
+    paired = doc.get("paired")
     for name, res in doc["results"].items():
         row = [name]
         for key in sorted(res):
             r = res[key]
             row.append(f"{100 * r['mean']:.2f} ± {100 * r['ci95']:.2f}")
+        if paired is not None:
+            for key in sorted(res):
+                d = paired.get(name, {}).get(key)
+                row.append(f"{100 * d['mean']:+.2f} ± {100 * d['ci95']:.2f}" if d else "")
         row.append(f"{sum(r['eval_s'] for r in res.values()):.1f}")
         rows.append(row)
     return rows
@@ -115,7 +124,11 @@ def _rows(doc: dict) -> list[list[str]]:
 
 def _headers(doc: dict) -> list[str]:
     first = next(iter(doc["results"].values()))
-    return ["method"] + [f"5-way {k.replace('shot', '-shot')} (%)" for k in sorted(first)] + ["eval s"]
+    way = doc.get("way", 5)
+    h = ["method"] + [f"{way}-way {k.replace('shot', '-shot')} (%)" for k in sorted(first)]
+    if doc.get("paired") is not None:
+        h += [f"free − method, {k.replace('shot', '-shot')} (paired, pp)" for k in sorted(first)]
+    return h + ["eval s"]
 
 
 def markdown(doc: dict, title: str = "FREE demo results") -> str:
@@ -135,14 +148,16 @@ def markdown(doc: dict, title: str = "FREE demo results") -> str:
     return "\n".join(lines)
 
 
-def print_table(console, doc: dict) -> None:
+def print_table(console, doc: dict, title: str = "FREE vs baselines (meta-test, 95% intervals)") -> None:
     from rich.table import Table
-    table = Table(title="FREE vs baselines (meta-test, 95% intervals)")
+    table = Table(title=title)
     for h in _headers(doc):
         table.add_column(h)
     for r in _rows(doc):
         table.add_row(*r)
     console.print(table)
+    if "times_s" not in doc:
+        return
     t = doc["times_s"]
     console.print(f"wall {t['total']:.0f} s (clients {t['clients']:.0f} s, FREE {t['free']:.0f} s, "
                   f"evaluation {t['eval']:.0f} s; process CPU {t['cpu']:.0f} s)")

@@ -233,7 +233,7 @@ def test_server_evaluate_scores_the_checkpointed_learner(capsys, tmp_path, tiny_
     rec = json.loads((state.root / "last_evaluation.json").read_text())
     assert rec["iteration"] == 3 and rec["episodes"] == 12 and rec["shot"] == 1
     direct = evaluate(trainer.learner, open_dataset(str(root), image_size=32).split("test"), way=5, shot=1,
-                      episodes=12, steps=trainer.cfg.eval_steps, lr=trainer.cfg.inner_lr, seed=0)
+                      episodes=12, steps=trainer.cfg.learner.adapt_steps, lr=trainer.cfg.learner.inner_lr, seed=0)
     assert rec["eval_1shot"] == pytest.approx(direct.mean, abs=1e-6)     # the checkpointed learner
     assert "iteration 3" in out and "5-way 1-shot" in out
 

@@ -327,3 +327,38 @@ def test_split_data_helpers():
     assert [i.tolist() for i in sd.class_indices()] == [[1, 4], [0, 2], [3]]
     with pytest.raises(TypeError):
         to_float(torch.zeros(2))
+
+
+def test_all_classes_and_a_split_file_with_empty_parts(tmp_path):
+    """``select("all")`` is every class (a folder: every class folder, listed or not); a split file
+    may leave splits empty or out, and using an empty split is a one-line DataError."""
+    from PIL import Image
+
+    from free_dfml.common.datasets import SPLITS
+    names = [f"c{i}" for i in range(6)]
+    for i, n in enumerate(names):
+        d = tmp_path / "f" / n
+        d.mkdir(parents=True)
+        for j in range(3):
+            Image.fromarray(np.full((10, 10, 3), 20 * i + j, dtype=np.uint8)).save(d / f"{j}.png")
+    (tmp_path / "f" / "split.json").write_text(json.dumps({"test": names[:4]}))
+    ds = open_dataset(str(tmp_path / "f"), image_size=8)
+    assert ds.split("test").classes == names[:4] and ds.class_folders == names
+    every = ds.select("all")
+    assert every.classes == names and len(every) == 18 and every.labels.tolist() == [k for k in range(6) for _ in range(3)]
+    with pytest.raises(DataError, match="split 'train' is empty"):
+        ds.split("train")
+    with pytest.raises(DataError, match="split 'train' is empty"):
+        ds.mean
+    (tmp_path / "f" / "split.json").write_text(json.dumps({"train": [], "val": [], "test": []}))
+    with pytest.raises(DataError, match="at least one"):
+        open_dataset(str(tmp_path / "f"))
+
+    class Three(FewShotDataset):                        # the base class: the three splits in order
+        def _load(self, name):
+            k = SPLITS.index(name) + 1
+            return SplitData(torch.full((2 * k, 1, 4, 4), k, dtype=torch.uint8),
+                             torch.arange(k).repeat_interleave(2), [f"{name}{i}" for i in range(k)])
+    allc = Three().select("all")
+    assert allc.classes == ["train0", "val0", "val1", "test0", "test1", "test2"]
+    assert allc.labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5] and allc.images[-1, 0, 0, 0] == 3
