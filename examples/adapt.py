@@ -7,12 +7,15 @@
 5 by default) with a few images each. The first ``--shot`` images of every class (in file-name
 order) are the support set: the meta-learner is fine-tuned on them with the adaptation settings
 stored in its metadata (``adapt_steps`` SGD steps at ``inner_lr``), then every other image is
-classified. Prints one line per query image and the accuracy.
+classified. The first line names the data used (folder, classes, support and query images);
+then one line per query image and the accuracy. ``--json`` prints the same as one JSON document
+instead, ``--out FILE`` writes it to a file.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -43,7 +46,12 @@ def main() -> int:
     ap.add_argument("--shot", type=int, default=1, help="support images per class")
     ap.add_argument("--steps", type=int, default=None, help="adaptation steps (default: from the metadata)")
     ap.add_argument("--lr", type=float, default=None, help="adaptation learning rate (default: from the metadata)")
+    ap.add_argument("--json", action="store_true", help="print the result as one JSON document instead of text")
+    ap.add_argument("--out", default=None, help="also write the JSON document to this file")
     a = ap.parse_args()
+    if a.shot < 1:
+        print("adapt.py: error: --shot must be >= 1", file=sys.stderr)
+        return 1
     try:
         pkg = load_package(a.model)
     except PackageError as e:
@@ -69,6 +77,12 @@ def main() -> int:
             sx.append(load_image(p, c, size))
             sy.append(label)
         queries += [(p, label) for p in files[a.shot:]]
+    data = {"images": str(root), "classes": way, "class_names": [d.name for d in classes],
+            "support_images": len(sx), "query_images": len(queries), "shot": a.shot,
+            "image_shape": [c, size, size]}
+    if not a.json:
+        print(f"data: {root}: {way} classes, {len(sx)} support images ({a.shot} a class, the first in "
+              f"file-name order) + {len(queries)} query images, {size}x{size} {'grayscale' if c == 1 else 'RGB'}")
     learner = pkg.build("cpu")
     learner.train()      # batch statistics during adaptation and scoring, as in the evaluation protocol
     params = parameters_of(learner, detach=True)
@@ -79,12 +93,20 @@ def main() -> int:
     x_q = torch.stack([load_image(p, c, size) for p, _ in queries])
     with torch.no_grad():
         pred = forward(learner, params, x_q, buffers).argmax(1).tolist()
-    correct = 0
-    for (p, label), k in zip(queries, pred):
-        correct += int(k == label)
-        print(f"{p}  ->  {classes[k].name}" + ("" if k == label else f"   (true: {classes[label].name})"))
+    correct = sum(int(k == label) for (_, label), k in zip(queries, pred))
+    doc = {"model": str(a.model), "data": data, "way": way, "shot": a.shot, "steps": steps, "lr": lr,
+           "correct": correct, "accuracy": correct / max(1, len(queries)),
+           "predictions": [{"image": str(p), "predicted": classes[k].name, "true": classes[label].name}
+                           for (p, label), k in zip(queries, pred)]}
+    if a.out:
+        Path(a.out).write_text(json.dumps(doc, indent=2))
+    if a.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    for r in doc["predictions"]:
+        print(f"{r['image']}  ->  {r['predicted']}" + ("" if r["predicted"] == r["true"] else f"   (true: {r['true']})"))
     print(f"{way}-way {a.shot}-shot, {steps} steps at lr {lr}: {correct}/{len(queries)} correct "
-          f"({100 * correct / max(1, len(queries)):.1f}%)")
+          f"({100 * doc['accuracy']:.1f}%)")
     return 0
 
 

@@ -165,3 +165,28 @@ def test_missing_data_is_one_line(capsys, state, tmp_path):
     code, _, err = _cli(capsys, "evaluate", "--state", state.root, "--data", tmp_path / "nope")
     assert code != 0
     _one_line_error(err)
+
+
+def test_adapt_example_reports_its_data(state, folder, tmp_path):
+    """examples/adapt.py on an exported meta-learner: the first line names the data, --json/--out the document."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from free_dfml.common.package import save_package
+    from free_dfml.server.trainer import FreeTrainer
+    model = tmp_path / "meta.safetensors"
+    save_package(FreeTrainer.from_state(state, "cpu").export(), model)
+    task = tmp_path / "task"
+    for d in sorted(folder.iterdir())[:5]:
+        shutil.copytree(d, task / d.name)
+    script = Path(__file__).resolve().parents[1] / "examples" / "adapt.py"
+    r = subprocess.run([sys.executable, str(script), "--model", str(model), "--images", str(task), "--shot", "2",
+                        "--out", str(tmp_path / "a.json")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    first = r.stdout.splitlines()[0]
+    assert first.startswith(f"data: {task}: 5 classes, 10 support images (2 a class") and "90 query images" in first
+    doc = json.loads((tmp_path / "a.json").read_text())
+    assert doc["data"]["classes"] == 5 and doc["data"]["query_images"] == 90 and len(doc["predictions"]) == 90
+    assert f"{doc['correct']}/90 correct" in r.stdout.splitlines()[-1]
