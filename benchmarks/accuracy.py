@@ -5,16 +5,16 @@ Methods:
 * ``random``: a fresh meta-learner (FREE's own initialisation), adapted at meta-test;
 * ``average``: feature-layer average of the zoo's Conv4 models (``server.baselines.average_learner``);
 * ``scratch``: a fresh generator per model, ``scratch_steps`` steps, then the same meta-learner
-  training as FREE (``FreeConfig(inversion="scratch")``: PURER / BiDf-MKD family);
-* ``free-noalign``: FIVE + memory-bank replay, BELL's alignment step off (``align=False``);
+  training as FREE (``generator.inversion = "scratch"``: PURER / BiDf-MKD family);
+* ``free-noalign``: FIVE + memory-bank replay, BELL's alignment step off (``bell.enabled = False``);
 * ``free``: the full method;
 * ``oracle``: MAML on the real images of the zoo's classes (NOT data-free: an upper bound), the
   ``server.baselines.train_oracle`` loop started from FREE's initialisation, with as many MAML
-  meta-batches as FREE may replay (``iterations * max_replay_batches``).
+  meta-batches as FREE may replay (``iterations * replay.max_batches``).
 
 Every method is scored with :func:`free_dfml.common.evaluation.evaluate` on the meta-test split:
-``eval_episodes`` (600) episodes per shot setting, 15 queries, ``eval_steps`` (10) SGD steps at
-``inner_lr``, episode seed ``eval_seed``: identical episodes for every method. Training time
+``evaluation.episodes`` (600) episodes per shot setting, 15 queries, ``learner.adapt_steps`` (10)
+SGD steps at ``learner.inner_lr``, episode seed ``evaluation.seed``: identical episodes for every method. Training time
 excludes the meta-val tracking evaluations (the accuracy-vs-iterations curve).
 """
 
@@ -35,7 +35,7 @@ from free_dfml.common.episodes import EpisodeSampler
 from free_dfml.common.evaluation import evaluate
 from free_dfml.server.baselines import average_learner, random_learner
 from free_dfml.server.meta_learner import MetaLearner, zoo_normalisation
-from free_dfml.server.trainer import FreeConfig, FreeTrainer
+from free_dfml.server.trainer import FreeTrainer
 from free_dfml.server.zoo import Zoo
 
 LABELS = {
@@ -49,21 +49,23 @@ LABELS = {
 
 
 def free_config(p, **over):
-    return FreeConfig.preset(p.free_preset, **{**p.free_overrides(), **over})
+    """The study's FreeConfig (every FREE-family method starts from it), with ``over`` applied."""
+    return p.study.free.replace(**over)
 
 
 def method_config(p, method: str, **over):
     if method == "scratch":
-        return free_config(p, inversion="scratch", **over)
+        return free_config(p, generator={"inversion": "scratch"}, **over)
     if method == "free-noalign":
-        return free_config(p, align=False, **over)
+        return free_config(p, bell={"enabled": False}, **over)
     return free_config(p, **over)
 
 
 def track_eval(learner, val, cfg, episodes: int, device) -> tuple[float, float]:
     """Meta-val 5-way 1-shot accuracy for the curve: same episodes (seed) at every point, every method."""
-    r = evaluate(learner, val, way=cfg.way, shot=1, episodes=episodes, steps=cfg.eval_steps,
-                 lr=cfg.inner_lr, seed=cfg.seed + 1000, device=device)
+    lrn = cfg.learner
+    r = evaluate(learner, val, way=lrn.way, shot=1, episodes=episodes, steps=lrn.adapt_steps,
+                 lr=lrn.inner_lr, seed=cfg.schedule.seed + 1000, device=device)
     return r.mean, r.ci95
 
 
@@ -85,12 +87,13 @@ def run_method(ctx: Ctx, deps: dict, *, method: str, zoo_job: str = "zoo:main",
     p = ctx.preset
     device = torch.device(ctx.device)
     z = deps[zoo_job]
-    zoo = Zoo(z["root"], cache_size=max(4, p.clients + 1))
-    ds = open_data(p.dataset, image_size=p.image_size, seed=p.seed, images_per_class=p.images_per_class)
+    s, ev = p.study, p.study.evaluation
+    zoo = Zoo(z["root"], cache_size=max(4, s.clients.count + 1))
+    ds = open_data(s.data.dataset, image_size=s.data.image_size, seed=s.seed, images_per_class=s.data.images_per_class)
     val, test = ds.split("val"), ds.split("test")
-    iterations = p.iterations if iterations is None else iterations
+    iterations = s.free.schedule.iterations if iterations is None else iterations
     cfg = method_config(p, method, iterations=iterations)
-    norm = zoo_norm(zoo, cfg.channels)
+    norm = zoo_norm(zoo, cfg.learner.channels)
     curve: list[dict] = []
     extra: dict = {}
     train_s = 0.0
@@ -98,10 +101,10 @@ def run_method(ctx: Ctx, deps: dict, *, method: str, zoo_job: str = "zoo:main",
 
     def track(x: float, learner) -> None:
         nonlocal track_s
-        if not (tracking and p.track_every):
+        if not (tracking and ev.track_every):
             return
         t0 = time.perf_counter()
-        acc, ci = track_eval(learner, val, cfg, p.track_episodes, device)
+        acc, ci = track_eval(learner, val, cfg, ev.track_episodes, device)
         track_s += time.perf_counter() - t0
         curve.append({"iteration": x, "acc": acc, "ci95": ci})
         # one line per point in the run's log, so that a run stopped early still shows its curve
@@ -115,7 +118,7 @@ def run_method(ctx: Ctx, deps: dict, *, method: str, zoo_job: str = "zoo:main",
         track(0, learner)
     elif method in ("free", "free-noalign", "scratch"):
         trainer = FreeTrainer(zoo, cfg, device=device)
-        for target in track_points(iterations, p.track_every if tracking else 0):
+        for target in track_points(iterations, ev.track_every if tracking else 0):
             t0 = time.perf_counter()
             trainer.run(target, progress=False)
             sync(device)
@@ -142,9 +145,9 @@ def run_method(ctx: Ctx, deps: dict, *, method: str, zoo_job: str = "zoo:main",
     else:
         raise ValueError(f"unknown method {method!r}")
 
-    results = evaluate_learner(learner, test, way=cfg.way, shots=shots or p.eval_shots,
-                               episodes=p.eval_episodes, steps=cfg.eval_steps, lr=cfg.inner_lr,
-                               seed=p.eval_seed, device=device)
+    results = evaluate_learner(learner, test, way=cfg.learner.way, shots=shots or ev.shots,
+                               episodes=ev.episodes, steps=cfg.learner.adapt_steps, lr=cfg.learner.inner_lr,
+                               seed=ev.seed, device=device)
     return {"method": method, "results": results, "train_s": round(train_s, 2),
             "eval_s": round(sum(r["eval_s"] for r in results.values()), 2),
             "track_s": round(track_s, 2), "curve": curve, **extra}
@@ -152,23 +155,22 @@ def run_method(ctx: Ctx, deps: dict, *, method: str, zoo_job: str = "zoo:main",
 
 def _oracle(p, cfg, ds, classes, norm, device, iterations, track):
     """``baselines.train_oracle``'s loop (same MetaLearner, same episode sampler) from FREE's
-    initialisation, tracked at iteration-equivalent points (meta-batches / max_replay_batches)."""
+    initialisation, tracked at iteration-equivalent points (meta-batches / replay.max_batches)."""
+    rep, way = cfg.replay, cfg.learner.way
     learner = random_learner(cfg, norm=norm).to(device)
-    meta = MetaLearner(learner, way=cfg.way, inner_lr=cfg.inner_lr, replay_steps=cfg.replay_steps,
-                       meta_batch=cfg.meta_batch, outer_lr=cfg.outer_lr, second_order=cfg.second_order,
-                       device=device)
+    meta = MetaLearner(learner, rep, way=way, inner_lr=cfg.learner.inner_lr, device=device)
     train = ds.subset("train", classes)
-    sampler = EpisodeSampler(train, way=cfg.way, shot=cfg.replay_shot, query=cfg.replay_query, seed=cfg.seed)
-    total = p.oracle_meta_batches(cfg.max_replay_batches)
+    sampler = EpisodeSampler(train, way=way, shot=rep.shot, query=rep.query, seed=cfg.schedule.seed)
+    total = p.oracle_meta_batches(rep.max_batches)
     per_it = total / max(1, iterations)
-    marks = {max(0, round(pt * per_it)): pt for pt in track_points(iterations, p.track_every)}
+    marks = {max(0, round(pt * per_it)): pt for pt in track_points(iterations, p.study.evaluation.track_every)}
     train_s = 0.0
     if 0 in marks:
         track(0, learner)
     for b in range(1, total + 1):
         t0 = time.perf_counter()
         eps = [(to_float(e.support_x), e.support_y, to_float(e.query_x), e.query_y)
-               for e in sampler.take(cfg.meta_batch)]
+               for e in sampler.take(rep.meta_batch)]
         meta.maml_step(eps)
         sync(device)
         train_s += time.perf_counter() - t0
@@ -210,6 +212,7 @@ def summarize(outcomes: dict, p) -> dict:
                       "client_train_s": z["train_s"], "classes": len(z["classes"])}
     for m in METHODS:
         collect(sec, m, outcomes.get(f"acc:{m}"), label=LABELS[m])
-    sec["protocol"] = {"episodes": p.eval_episodes, "query": 15, "adapt_steps": 10,
-                       "eval_seed": p.eval_seed, "shots": list(p.eval_shots), "way": 5}
+    ev = p.study.evaluation
+    sec["protocol"] = {"episodes": ev.episodes, "query": 15, "adapt_steps": 10,
+                       "eval_seed": ev.seed, "shots": list(ev.shots), "way": 5}
     return sec

@@ -42,12 +42,12 @@ def _teachers(T: int, width: int, cfg, device, seed: int):
     out = []
     for i in range(T):
         torch.manual_seed(seed * 10007 + i)
-        net = build_model("conv4", num_classes=cfg.way, in_channels=cfg.channels,
-                          image_size=cfg.image_size, width=width)
-        model = Normalized(net, (0.5,) * cfg.channels, (0.3,) * cfg.channels).to(device).eval()
+        way, c, size = cfg.learner.way, cfg.learner.channels, cfg.learner.image_size
+        net = build_model("conv4", num_classes=way, in_channels=c, image_size=size, width=width)
+        model = Normalized(net, (0.5,) * c, (0.3,) * c).to(device).eval()
         for q in model.parameters():
             q.requires_grad_(False)
-        out.append(Teacher(model, (cfg.channels, cfg.image_size, cfg.image_size), cfg.way, f"t{i}"))
+        out.append(Teacher(model, (c, size, size), way, f"t{i}"))
     return out
 
 
@@ -71,26 +71,27 @@ def metagenerator(cfg, seed: int, device):
 def batched_config(p):
     """The FreeConfig this section times: the preset's, with ``batched_samples_per_class`` images a
     class when the preset sets it."""
-    return free_config(p, samples_per_class=p.batched_samples_per_class) \
+    return free_config(p, generator={"samples_per_class": p.batched_samples_per_class}) \
         if p.batched_samples_per_class else free_config(p)
 
 
 def run(ctx: Ctx, deps: dict) -> dict:
     p = ctx.preset
     device = torch.device(ctx.device)
-    cfg = batched_config(p)
-    learner = build_learner(cfg.way, width=cfg.learner_width, image_size=cfg.image_size,
-                            channels=cfg.channels, rng=torch.Generator().manual_seed(p.seed)).to(device)
+    cfg, seed = batched_config(p), p.study.seed
+    g, lrn = cfg.generator, cfg.learner
+    learner = build_learner(lrn.way, width=lrn.width, image_size=lrn.image_size,
+                            channels=lrn.channels, rng=torch.Generator().manual_seed(seed)).to(device)
     student = MetaLearner(learner, device=device).student
 
     def make_mg():
-        return metagenerator(cfg, p.seed + 1, device)
+        return metagenerator(cfg, seed + 1, device)
 
     rows, engine = [], None
     for T in p.batched_T:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()     # the peak below is this T's alone
-        teachers = _teachers(T, p.batched_width, cfg, device, p.seed)
+        teachers = _teachers(T, p.batched_width, cfg, device, seed)
         seq_mg, bat_mg, vmap_mg = make_mg(), make_mg(), make_mg()
         steps = _steps(seq_mg, bat_mg, vmap_mg, teachers, student, learner)
         # step 0, from identical states: the comparison (and the warm-up for this T's shapes)
@@ -124,8 +125,8 @@ def run(ctx: Ctx, deps: dict) -> dict:
     return {"rows": rows, "float64_max_abs_diff": f64["grouped"], "float64_max_abs_diff_vmap": f64["vmap"],
             "engine": engine,
             "device": str(device), "teacher": f"conv4 width {p.batched_width}",
-            "images_per_teacher": cfg.way * cfg.samples_per_class, "inner_steps": cfg.inner_steps,
-            "generator": {"nz": cfg.nz, "ngf": cfg.ngf}, "threads": torch.get_num_threads()}
+            "images_per_teacher": lrn.way * g.samples_per_class, "inner_steps": g.inner_steps,
+            "generator": {"nz": g.nz, "ngf": g.ngf}, "threads": torch.get_num_threads()}
 
 
 def _steps(seq_mg, bat_mg, vmap_mg, teachers, student, learner) -> dict:
@@ -142,14 +143,14 @@ def _float64_check(p, cfg, device, engine: str = "grouped") -> dict:
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        teachers = _teachers(4, p.batched_width, cfg, device, p.seed + 7)
-        learner = build_learner(cfg.way, width=cfg.learner_width, image_size=cfg.image_size,
-                                channels=cfg.channels, rng=torch.Generator().manual_seed(p.seed)).to(device)
-        mgs = [MetaGenerator(nz=cfg.nz, ngf=cfg.ngf, image_size=cfg.image_size, channels=cfg.channels,
-                             inner_steps=cfg.inner_steps, samples_per_class=min(4, cfg.samples_per_class),
-                             inner_lr=cfg.gen_lr, z_lr=cfg.z_lr, meta_lr=cfg.gen_meta_lr,
-                             betas=tuple(cfg.gen_betas),
-                             rng=torch.Generator().manual_seed(p.seed + 1), device=device) for _ in range(2)]
+        seed, g, lrn = p.study.seed, cfg.generator, cfg.learner
+        teachers = _teachers(4, p.batched_width, cfg, device, seed + 7)
+        learner = build_learner(lrn.way, width=lrn.width, image_size=lrn.image_size,
+                                channels=lrn.channels, rng=torch.Generator().manual_seed(seed)).to(device)
+        mgs = [MetaGenerator(nz=g.nz, ngf=g.ngf, image_size=lrn.image_size, channels=lrn.channels,
+                             inner_steps=g.inner_steps, samples_per_class=min(4, g.samples_per_class),
+                             inner_lr=g.lr, z_lr=g.z_lr, meta_lr=g.meta_lr, betas=tuple(g.betas),
+                             rng=torch.Generator().manual_seed(seed + 1), device=device) for _ in range(2)]
         a = mgs[0].step(teachers, lambda_adv=1.0, student=MetaLearner(learner, device=device).student())
         b = get_engine(engine).five_step(mgs[1], teachers, lambda_adv=1.0, student_model=learner)
         return _diff(a, b, mgs[0].generator, mgs[1].generator)

@@ -44,7 +44,7 @@ def trace(teacher, generator, params, z, y, *, steps: int, cfg, confidence: floa
     params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     z = z.detach().clone().requires_grad_(True)
     state = AdamState()
-    lrs = {**{k: cfg.gen_lr for k in params}, "__z__": cfg.z_lr}
+    lrs = {**{k: cfg.generator.lr for k in params}, "__z__": cfg.generator.z_lr}
     agree, ce, secs = [], [], [0.0]
     sync(device)
     t0 = time.perf_counter()
@@ -61,7 +61,7 @@ def trace(teacher, generator, params, z, y, *, steps: int, cfg, confidence: floa
             both = adam_update({**params, "__z__": z},
                                {**{k: g.detach() for k, g in zip(params, grads[:-1])},
                                 "__z__": grads[-1].detach()}, state, lr=lrs,
-                               betas=tuple(cfg.gen_betas))
+                               betas=tuple(cfg.generator.betas))
             z = both.pop("__z__")
             params = both
             sync(device)
@@ -82,9 +82,10 @@ def held_out_probe(zoo, model_id: str, index: int, cfg, seed: int, device):
     meta = zoo.meta(model_id)
     teacher = Teacher(zoo.teacher(model_id, device), tuple(meta.input_shape), meta.num_classes, model_id)
     rng = torch.Generator().manual_seed(seed * 1000 + 17 + index)
-    y = class_targets(meta.num_classes, cfg.samples_per_class, device)
-    z = sample_latents(len(y), cfg.nz, rng, device)
-    fresh = new_generator(cfg.nz, cfg.ngf, cfg.image_size, cfg.channels, rng, device)
+    g, lrn = cfg.generator, cfg.learner
+    y = class_targets(meta.num_classes, g.samples_per_class, device)
+    z = sample_latents(len(y), g.nz, rng, device)
+    fresh = new_generator(g.nz, g.ngf, lrn.image_size, lrn.channels, rng, device)
     return teacher, y, z, fresh
 
 
@@ -93,17 +94,18 @@ def run(ctx: Ctx, deps: dict) -> dict:
     device = torch.device(ctx.device)
     free = deps["acc:free"]
     cfg = FreeConfig.from_dict(free["config"])
-    meta_gen = Generator(nz=cfg.nz, ngf=cfg.ngf, image_size=cfg.image_size, channels=cfg.channels).to(device)
+    g, lrn = cfg.generator, cfg.learner
+    meta_gen = Generator(nz=g.nz, ngf=g.ngf, image_size=lrn.image_size, channels=lrn.channels).to(device)
     meta_gen.load_state_dict(load_file(free["generator_path"]))
     phi = {k: v.detach() for k, v in meta_gen.named_parameters()}
     held = Zoo(deps["zoo:main"]["heldout_root"])
     ids = held.ids()[: p.recovery_models]
     if not ids:
         raise RuntimeError("no held-out models for the recovery benchmark")
-    k = cfg.inner_steps
+    k = g.inner_steps
     models = []
     for i, mid in enumerate(ids):
-        teacher, y, z, fresh = held_out_probe(held, mid, i, cfg, p.seed, device)
+        teacher, y, z, fresh = held_out_probe(held, mid, i, cfg, p.study.seed, device)
         five = trace(teacher, meta_gen, phi, z, y, steps=p.recovery_five_steps, cfg=cfg,
                      confidence=p.recovery_confidence, device=device)
         scratch = trace(teacher, fresh, dict(fresh.named_parameters()), z, y,
@@ -125,7 +127,7 @@ def run(ctx: Ctx, deps: dict) -> dict:
         models.append(entry)
     return {"models": models, "k": k, "confidence": p.recovery_confidence,
             "five_steps_max": p.recovery_five_steps, "scratch_steps_max": p.recovery_scratch_steps,
-            "samples_per_class": cfg.samples_per_class}
+            "samples_per_class": g.samples_per_class}
 
 
 def _ratio(num: list, den: list) -> float | None:

@@ -87,7 +87,8 @@ def markdown(doc: dict) -> str:
           f"- code: commit `{(doc.get('git') or {}).get('commit', '?')[:12]}`"
           + (f", with uncommitted changes in {', '.join((doc.get('git') or {}).get('modified') or [])}"
              if (doc.get('git') or {}).get('modified') else ""),
-          f"- seed {doc['seed']}, data `{doc['settings']['dataset']}` at {doc['settings']['image_size']} px; "
+          f"- seed {doc['seed']}, data `{doc['settings']['study']['data']['dataset']}` at "
+          f"{doc['settings']['study']['data']['image_size']} px; "
           f"started {doc['started']}, wall time {doc['wall_s']:.0f} s"]
     if doc.get("overrides"):
         L.append("- preset fields overridden: " + ", ".join(f"`{k}` = `{json.dumps(v)}`"

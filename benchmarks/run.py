@@ -1,12 +1,13 @@
 """One command for the project's performance evidence.
 
-    python -m benchmarks.run --preset tiny|quick|full [--device auto|cpu|cuda]
+    python -m benchmarks.run --preset tiny|quick|paper [--device auto|cpu|cuda]
                              [--out runs/bench/NAME] [--only accuracy,recovery,batched,hetero,scaling]
                              [--set FIELD=VALUE ...]
 
 ``--set`` overrides a field of the preset (``benchmarks/presets.py``; VALUE is JSON when it parses),
 e.g. ``--set iterations=1000 --set 'methods=["random","free","oracle"]' --set
-'free={"inversion_jitter": 2}'`` (``free`` holds FreeConfig overrides for every FREE-family method).
+'free={"generator": {"jitter": 2}}'`` (``free`` holds FreeConfig overrides for every FREE-family
+method; the study's fields as ``section.field``, e.g. ``--set clients.count=8``).
 
 Sections (one module each): ``accuracy`` (every method, 5-way 1/5-shot, 600 meta-test episodes),
 ``recovery`` (FIVE vs scratch inversion speed), ``batched`` (vmapped multi-teacher inversion vs the
@@ -30,7 +31,7 @@ from typing import Any, Callable
 from benchmarks import accuracy, batched, hetero, recovery, scaling
 from benchmarks.common import command_line, machine_info, set_threads
 from benchmarks.jobs import Ctx, run_jobs
-from benchmarks.presets import get_preset, parse_setting
+from benchmarks.presets import NAMES, get_preset, parse_setting
 from benchmarks.report import markdown, plots, targets
 from free_dfml.server.device import resolve_device
 
@@ -93,7 +94,7 @@ def run(preset: str = "quick", *, out: str | Path | None = None, device: str = "
     machine["load_average_start"] = load_start     # other work on the machine during the run
     machine["load_average_end"] = _loadavg()
     doc: dict[str, Any] = {
-        "preset": preset, "seed": p.seed, "settings": p.to_dict(), "machine": machine,
+        "preset": preset, "seed": p.study.seed, "settings": p.to_dict(), "machine": machine,
         "command": command or "benchmarks.run.run(" + repr(preset) + ")", "started": started,
         "wall_s": round(wall, 1), "out": str(out), "git": git, "sections": {},
         # preset fields set by the caller (beyond the worker count): the run is not the preset as such
@@ -145,7 +146,7 @@ def _json_default(o: Any) -> Any:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="quick", choices=("tiny", "quick", "full"))
+    ap.add_argument("--preset", default="quick", choices=NAMES, help="tiny | quick | paper (alias full)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--out", default=None, help="output folder (default runs/bench/<preset>)")
     ap.add_argument("--only", default=None, help="comma-separated sections: " + ",".join(SECTIONS))

@@ -43,8 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 def child(size: int, root: str, preset: dict, device: str, threads: int) -> dict:
     if threads:
         torch.set_num_threads(threads)
-    p = Preset(**{k: tuple(v) if isinstance(v, list) and k not in ("free",) else v
-                  for k, v in preset.items()})
+    p = Preset.from_dict(preset)
+    image_size = p.study.data.image_size
     base_rss = rss_mb()
     if Path(root).exists():
         shutil.rmtree(root)
@@ -52,10 +52,10 @@ def child(size: int, root: str, preset: dict, device: str, threads: int) -> dict
     t0 = time.perf_counter()
     c = 3
     for i in range(size):
-        torch.manual_seed(p.seed * 100003 + i)
-        net = build_model("conv4", num_classes=5, in_channels=c, image_size=p.image_size, width=p.scaling_width)
+        torch.manual_seed(p.study.seed * 100003 + i)
+        net = build_model("conv4", num_classes=5, in_channels=c, image_size=image_size, width=p.scaling_width)
         pkg = make_package(net, arch="conv4", arch_kwargs={"width": p.scaling_width}, num_classes=5,
-                           input_shape=(c, p.image_size, p.image_size), mean=(0.5,) * c, std=(0.3,) * c,
+                           input_shape=(c, image_size, image_size), mean=(0.5,) * c, std=(0.3,) * c,
                            training={"note": "random init (scaling benchmark)"})
         zoo.add(pkg)
         del net, pkg
@@ -72,7 +72,8 @@ def child(size: int, root: str, preset: dict, device: str, threads: int) -> dict
         return orig(mid)
 
     zoo.package = counting     # count teacher loads from disk (LRU cache misses)
-    cfg = free_config(p, warmup=1, learner_width=p.scaling_width, bank_max_mb=p.scaling_bank_mb)
+    cfg = free_config(p, schedule={"warmup": 1}, learner={"width": p.scaling_width},
+                      bank={"max_mb": p.scaling_bank_mb})
     t0 = time.perf_counter()
     trainer = FreeTrainer(zoo, cfg, device=device)
     init_s = time.perf_counter() - t0
@@ -96,11 +97,11 @@ def child(size: int, root: str, preset: dict, device: str, threads: int) -> dict
            "peak_rss_mb": round(max(peak_ingest, peak_train), 1), "peak_reset": reset_ok,
            "teacher_loads": loads["n"], "teacher_cache": p.scaling_cache, "teachers_cached": zoo.cached(),
            "bank_keys": len(trainer.bank.keys()), "bank_mb": round(bank_bytes / 2 ** 20, 2),
-           "bank_bound_mb": cfg.bank_max_mb, "bank_evicted_keys": trainer.bank.evicted,
-           # without the bound: one ring of bank_capacity images per (model, class) key ever seen,
+           "bank_bound_mb": cfg.bank.max_mb, "bank_evicted_keys": trainer.bank.evicted,
+           # without the bound: one ring of bank.capacity images per (model, class) key ever seen,
            # i.e. this much once every model of the zoo has been visited
            "bank_mb_unbounded_all_visited": round(size * 5 * MemoryBank.ring_bytes(
-               cfg.bank_capacity, (c, p.image_size, p.image_size), trainer.bank.dtype) / 2 ** 20, 1),
+               cfg.bank.capacity, (c, image_size, image_size), trainer.bank.dtype) / 2 ** 20, 1),
            "disk_mb": round(sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file()) / 2 ** 20, 2)}
     if device.startswith("cuda"):
         out["gpu_peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)

@@ -20,26 +20,28 @@ from free_dfml.server.zoo import Zoo
 
 
 def main_plan(p):
-    ds = open_data(p.dataset, image_size=p.image_size, seed=p.seed, images_per_class=p.images_per_class)
+    s = p.study
+    ds = open_data(s.data.dataset, image_size=s.data.image_size, seed=s.seed, images_per_class=s.data.images_per_class)
     n_cls = len(ds.classes("train"))   # class names only: nothing rendered or loaded
-    return client_plan(n_cls, p.clients + p.heldout_clients, p.classes_per_client, p.seed,
-                       widths=(p.client_width,), image_sizes=(p.image_size,), epochs=p.client_epochs)
+    return client_plan(n_cls, s.clients.count + p.heldout_clients, s.clients.classes_per_client, s.seed,
+                       widths=(s.clients.width,), image_sizes=(s.data.image_size,), epochs=s.clients.epochs)
 
 
 def hetero_plan(p, plan: str):
     """The heterogeneous zoos: ``arch`` cycles ``hetero_archs`` at 32 px, ``domain`` alternates
     Conv4 clients between the ``hetero_image_sizes`` renderings. Their classes are drawn with
     another seed than the main zoo's."""
-    ds = open_data(p.dataset, image_size=p.image_size, seed=p.seed, images_per_class=p.images_per_class)
+    s = p.study
+    ds = open_data(s.data.dataset, image_size=s.data.image_size, seed=s.seed, images_per_class=s.data.images_per_class)
     n_cls = len(ds.classes("train"))
     if plan == "arch":
-        return client_plan(n_cls, p.hetero_clients, p.classes_per_client, p.seed + 101,
-                           archs=p.hetero_archs, widths=p.hetero_widths, image_sizes=(p.image_size,),
-                           epochs=p.client_epochs)
+        return client_plan(n_cls, p.hetero_clients, s.clients.classes_per_client, s.seed + 101,
+                           archs=p.hetero_archs, widths=p.hetero_widths, image_sizes=(s.data.image_size,),
+                           epochs=s.clients.epochs)
     if plan == "domain":
-        return client_plan(n_cls, p.hetero_clients, p.classes_per_client, p.seed + 202,
-                           archs=("conv4",), widths=(p.client_width,), image_sizes=p.hetero_image_sizes,
-                           epochs=p.client_epochs)
+        return client_plan(n_cls, p.hetero_clients, s.clients.classes_per_client, s.seed + 202,
+                           archs=("conv4",), widths=(s.clients.width,), image_sizes=p.hetero_image_sizes,
+                           epochs=s.clients.epochs)
     raise ValueError(f"unknown hetero plan {plan!r}")
 
 
@@ -52,8 +54,8 @@ def chunks(n: int, k: int) -> list[tuple[int, int]]:
 def train_chunk(ctx: Ctx, deps: dict, *, plan: str, start: int, stop: int) -> dict:
     p = ctx.preset
     specs = plan_specs(p, plan)[start:stop]
-    items = train_clients(specs, data_spec=p.dataset, data_seed=p.seed,
-                          images_per_class=p.images_per_class, device=ctx.device)
+    items = train_clients(specs, data_spec=p.study.data.dataset, data_seed=p.study.seed,
+                          images_per_class=p.study.data.images_per_class, device=ctx.device)
     return {"items": items}
 
 
@@ -92,4 +94,5 @@ def zoo_jobs(p, plan: str, n_models: int, split_at: int | None = None, weight: f
 
 def main_zoo_jobs(p) -> list[Job]:
     # first: every accuracy job (and the long scratch one) waits for this zoo
-    return zoo_jobs(p, "main", p.clients + p.heldout_clients, split_at=p.clients, weight=60.0)
+    n = p.study.clients.count
+    return zoo_jobs(p, "main", n + p.heldout_clients, split_at=n, weight=60.0)

@@ -183,13 +183,18 @@ def _as_dict(v: Any) -> Any:
 
 
 def nest(d: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """``d`` (nested sections, dotted ``"section.field"`` keys and/or old flat keys) as
-    ``{section: {field: value}}``; ``ValueError`` naming the first unknown key. A field given twice
-    (e.g. flat and nested) is an error."""
+    """``d`` (nested sections, dotted ``"section.field"`` keys and/or old flat keys, also inside
+    their own section: ``{"generator": {"gen_lr": 0.01}}``) as ``{section: {field: value}}``;
+    ``ValueError`` naming the first unknown key. A field given twice (e.g. flat and nested) is an
+    error."""
     out: dict[str, dict[str, Any]] = {}
 
     def put(section: str, name: str, value: Any, key: str) -> None:
         known = SECTIONS[section].__dataclass_fields__
+        if name not in known and FLAT_KEYS.get(name, ("",))[0] == section:
+            if name == "batched_inversion" and isinstance(value, (bool, str)):
+                value = _FLAT_ENGINE.get(value, value)
+            name = FLAT_KEYS[name][1]       # an old flat name in its own section: [free.generator] gen_lr
         if name not in known:
             raise ValueError(f"unknown FreeConfig key {section}.{name} (section {section} has: "
                              f"{', '.join(known)})")
@@ -208,10 +213,7 @@ def nest(d: dict[str, Any]) -> dict[str, dict[str, Any]]:
             section, name = key.split(".", 1)
             put(section, name, value, key)
         elif key in FLAT_KEYS:
-            section, name = FLAT_KEYS[key]
-            if key == "batched_inversion":
-                value = _FLAT_ENGINE.get(value, value) if isinstance(value, (bool, str)) else value
-            put(section, name, value, key)
+            put(FLAT_KEYS[key][0], key, value, key)
         else:
             raise ValueError(f"unknown FreeConfig key {key!r} (sections: {', '.join(SECTIONS)})")
     return out

@@ -39,8 +39,9 @@ def run_variant(ctx, deps: dict, *, variant: str, overrides: dict, seed: int, it
     p = ctx.preset
     zoo = Zoo(deps["zoo:main"]["root"], cache_size=32)
     cfg = method_config(p, "free", iterations=iterations, seed=seed, **overrides)
-    val = open_data(p.dataset, image_size=p.image_size, seed=p.seed,
-                    images_per_class=p.images_per_class).split("val")
+    d = p.study.data
+    val = open_data(d.dataset, image_size=d.image_size, seed=p.study.seed,
+                    images_per_class=d.images_per_class).split("val")
     trainer = FreeTrainer(zoo, cfg, device=torch.device(ctx.device))
     curve = []
     t0 = time.perf_counter()
@@ -91,10 +92,9 @@ def table(runs: list[dict], variants: list[str]) -> str:
 
 def check_variants(p, variants: dict[str, dict]) -> None:
     """Refuse a bad FreeConfig key or value of any variant (ValueError) before any work starts."""
-    from free_dfml.server.trainer import FreeConfig
     for name, o in variants.items():
         try:
-            FreeConfig.preset(p.free_preset, **{**p.free_overrides(), **o})
+            p.study.free.replace(**o)
         except (TypeError, ValueError) as e:
             raise ValueError(f"--variant {name}: {e}") from None
 
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     (out / "work").mkdir(parents=True, exist_ok=True)
     ctx = Ctx(preset=p, out=str(out), work=str(out / "work"), device=a.device)
-    jobs = zoo_jobs(p, "main", p.clients + p.heldout_clients)
+    jobs = zoo_jobs(p, "main", p.study.clients.count + p.heldout_clients)
     for name, o in variants.items():
         for s in seeds:
             jobs.append(Job(f"sweep:{name}:{s}", run_variant,

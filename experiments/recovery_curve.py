@@ -106,7 +106,7 @@ def run(args: tuple) -> dict:
     trainer = FreeTrainer(zoo, cfg, device=device)
     teachers, draws, scratch = [], [], []
     for i, mid in enumerate(held_ids):        # latents, targets and scratch generator as in recovery.run
-        t, y, z, fresh = held_out_probe(src, mid, i, cfg, p.seed, device)
+        t, y, z, fresh = held_out_probe(src, mid, i, cfg, p.study.seed, device)
         teachers.append(t)
         draws.append((y, z))
         scratch.append(trace(t, fresh, dict(fresh.named_parameters()), z, y,
@@ -178,7 +178,7 @@ def build_zoo(p, out: Path, device: str) -> str:
     from benchmarks.zoos import zoo_jobs
     from free_dfml.server.zoo import Zoo
     root = out / "work" / "zoo-main"
-    n = p.clients + p.heldout_clients
+    n = p.study.clients.count + p.heldout_clients
     if (root / "models").is_dir() and len(Zoo(root).ids()) == n:
         print(f"[recovery-curve] reusing the {n}-model zoo in {root}", flush=True)
         return str(root)
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
             from free_dfml.server.zoo import Zoo
             n = len(Zoo(a.zoo).ids())
         else:
-            n = p.clients + p.heldout_clients
+            n = p.study.clients.count + p.heldout_clients
         if a.iterations < 1 or a.every < 1:
             raise ValueError("--iterations and --every must be >= 1")
         if not 1 <= heldout < n:
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
           f">= {p.recovery_confidence}\n- generator nz {sz['nz']}, ngf {sz['ngf']}, "
           f"{sz['samples_per_class']} images a class; gen_lr {sz['gen_lr']}, z_lr {sz['z_lr']}; "
           f"device {dev}\n- the probe's latents, targets and fresh generators are drawn from the preset's seed "
-          f"{p.seed}; the `seed` column is FREE's training seed\n\n" + table(runs) + "\n\n## A fresh generator alone\n\n" + scratch_table(runs) + "\n")
+          f"{p.study.seed}; the `seed` column is FREE's training seed\n\n" + table(runs) + "\n\n## A fresh generator alone\n\n" + scratch_table(runs) + "\n")
     (out / "curve.md").write_text(md)
     plot(runs, out / "curve.png")
     print(md)

@@ -258,9 +258,19 @@ def test_set_overrides_preset_fields_and_refuses_bad_ones(capsys):
     over = dict(parse_setting(s) for s in ("iterations=1000", 'methods=["random", "free"]',
                                            'free={"inversion_jitter": 2}', "dataset=synthetic"))
     p = get_preset("quick", **over)
-    assert (p.iterations, p.methods, p.dataset) == (1000, ("random", "free"), "synthetic")
-    assert p.free_overrides()["inversion_jitter"] == 2
+    s = p.study
+    assert (s.free.schedule.iterations, p.methods, s.data.dataset) == (1000, ("random", "free"), "synthetic")
+    assert s.free.generator.jitter == 2
+    # the study's fields by section, the flat names of earlier versions, and the coupled ones
+    q = get_preset("quick", **dict(parse_setting(x) for x in (
+        "clients.count=3", "free.generator.lr=0.5", "client_width=16", "track_every=5", "seed=4")))
+    assert (q.study.clients.count, q.study.free.generator.lr, q.study.clients.width, q.study.free.learner.width,
+            q.study.evaluation.track_every, q.study.seed, q.study.free.schedule.seed) == (3, 0.5, 16, 16, 5, 4, 4)
+    assert get_preset("full").study == get_preset("paper").study
+    from benchmarks.presets import Preset
+    assert Preset.from_dict(json.loads(json.dumps(q.to_dict()))) == q
     for bad, msg in (("iterations=abc", "must be int"), ("nope=1", "unknown preset field"),
+                     ("clients.nope=1", "unknown preset field clients.nope"),
                      ('methods=["magic"]', "methods must be"), ('free={"inversion_jitter": -1}', "inversion_jitter"),
                      ("oops", "FIELD=VALUE"), ('methods=["random"]', "recovery section")):
         with pytest.raises(SystemExit) as e:
@@ -276,10 +286,11 @@ def test_full_preset_clients_get_the_papers_images_per_class():
     from free_dfml.client.train import TrainConfig
 
     p = get_preset("full")
-    held = round(p.images_per_class * TrainConfig().holdout)
-    assert (p.images_per_class - held, held) == (480, 120)
-    assert p.images_per_class > get_preset("quick").images_per_class
-    assert get_preset("full", **dict([parse_setting("images_per_class=null")])).images_per_class is None
+    ipc = p.study.data.images_per_class
+    held = round(ipc * TrainConfig().holdout)
+    assert (ipc - held, held) == (480, 120)
+    assert ipc > get_preset("quick").study.data.images_per_class
+    assert get_preset("full", **dict([parse_setting("images_per_class=null")])).study.data.images_per_class is None
 
 
 def test_harness_modules_import_at_top_level_without_a_cycle():

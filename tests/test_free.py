@@ -439,6 +439,11 @@ def test_config_sections_flat_keys_and_dotted_keys_mean_the_same():
             for batched in (True, False, "auto")} == {True: "grouped", False: "loop", "auto": "auto"}
     with pytest.raises(ValueError, match=r"unknown FreeConfig key generator\.gen_lr \(section generator has"):
         FreeConfig.from_dict({"generator": {"gen_lr": 0.1}})
+    # an old flat name inside its own section (an old [free] table moved under [free.generator])
+    assert FreeConfig.from_dict({"generator": {"gen_lr": 0.01, "batched_inversion": False}}).generator == \
+        FreeConfig().generator.__class__(lr=0.01, engine="loop")
+    with pytest.raises(ValueError, match=r"unknown FreeConfig key bank\.gen_lr"):
+        FreeConfig.from_dict({"bank": {"gen_lr": 0.1}})
     with pytest.raises(ValueError, match="given twice"):
         FreeConfig.from_dict({"gen_lr": 0.1, "generator": {"lr": 0.2}})
     with pytest.raises(ValueError, match="section bank must be a table"):
