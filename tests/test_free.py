@@ -437,8 +437,8 @@ def test_config_sections_flat_keys_and_dotted_keys_mean_the_same():
     assert len(FLAT_KEYS) == len(set(FLAT_KEYS.values())) == len(nested.flat()) == 49
     assert {batched: FreeConfig.preset("tiny", batched_inversion=batched).generator.engine
             for batched in (True, False, "auto")} == {True: "grouped", False: "loop", "auto": "auto"}
-    with pytest.raises(ValueError, match=r"unknown FreeConfig key generator\.gen_lr \(section generator has"):
-        FreeConfig.from_dict({"generator": {"gen_lr": 0.1}})
+    with pytest.raises(ValueError, match=r"unknown FreeConfig key generator\.nope \(section generator has"):
+        FreeConfig.from_dict({"generator": {"nope": 0.1}})
     # an old flat name inside its own section (an old [free] table moved under [free.generator])
     assert FreeConfig.from_dict({"generator": {"gen_lr": 0.01, "batched_inversion": False}}).generator == \
         FreeConfig().generator.__class__(lr=0.01, engine="loop")
