@@ -108,12 +108,12 @@ class LocalSimulation:
         raise SimulationError(f"flower-superlink did not start within {STARTUP_TIMEOUT_S:.0f} s "
                               f"(see {self.log_path})")
 
-    def run(self, app_dir: Path, *, num_supernodes: int, cpus_per_client: float = 1.0,
+    def run(self, app_dir: Path, *, num_supernodes: int, cpus_per_client: int = 1,
             timeout: float | None = None) -> None:
         """``flwr run`` the app on ``num_supernodes`` virtual SuperNodes and stream its log until it ends."""
         if self.proc is None:
             raise SimulationError("the simulation SuperLink is not running")
-        fed = (f"num-supernodes={int(num_supernodes)} client-resources-num-cpus={float(cpus_per_client)} "
+        fed = (f"num-supernodes={int(num_supernodes)} client-resources-num-cpus={int(cpus_per_client)} "
                "client-resources-num-gpus=0.0")
         cmd = [venv_exe("flwr"), "run", str(app_dir), CONNECTION, "--stream", "--federation-config", fed]
         out = None if self.verbose else subprocess.DEVNULL

@@ -138,6 +138,8 @@ def run_study(study: Study, out: str | Path, *, transport: str = "flower", devic
         raise ValueError("the flower transport opens its data set from the study's spec; pass dataset= "
                          "only with transport='inprocess'")
     t_start, cpu_start = time.perf_counter(), time.process_time()
+    if threads:
+        torch.set_num_threads(int(threads))    # this process's evaluation too: its last digits depend on it
     out = Path(out)
     d = study.data
     from_spec = dataset is None
