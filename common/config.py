@@ -312,9 +312,3 @@ class FreeConfig:
         lrn = self.learner
         return (self.bank.capacity * lrn.channels * lrn.image_size * lrn.image_size
                 * (1 if self.bank.dtype == "uint8" else 2))
-
-    def uses_batched_inversion(self, device: Any) -> bool:
-        """Whether FIVE steps go through the batched multi-teacher step on ``device``."""
-        if self.generator.engine == "auto":
-            return str(device).split(":")[0] == "cuda"
-        return self.generator.engine in ("grouped", "vmap")

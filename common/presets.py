@@ -18,9 +18,11 @@ A :class:`Study` has four sections: ``data`` (what the clients train on), ``clie
 which classes, how they train), ``free`` (the server's :class:`~free_dfml.common.config.FreeConfig`,
 complete: meta-learner width, iterations, evaluation cadence and seed included) and ``evaluation``
 (the meta-test protocol and the meta-val tracking curve), plus ``seed`` (data rendering, the client
-plan and client training). Who uses what: the server's ``--preset`` takes ``.free``; the simulation
-and the in-process study take the whole study; the benchmark harness takes the whole study plus its
-own probe settings (benchmarks/presets.py), keyed by the same names.
+plan and client training). Who uses what: the simulation and the in-process study
+(:mod:`free_dfml.sim.study`) take the whole study; the benchmark harness takes the whole study plus
+its own probe settings (benchmarks/presets.py), keyed by the same names; a server needs only
+``.free``. :meth:`FreeConfig.preset <free_dfml.common.config.FreeConfig.preset>` (``paper``,
+``quick``, ``tiny``) are FREE's own presets, from which these studies' ``free`` sections start.
 
     study("demo")                                         # a fresh, independent copy
     study("demo", clients={"count": 8}, free={"generator.lr": 0.01}, evaluation={"episodes": 50})

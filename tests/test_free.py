@@ -534,12 +534,13 @@ def test_unknown_replay_augment_is_refused():
 
 
 def test_batched_inversion_auto_means_cuda_only_and_bad_values_are_refused(tiny_zoo):
+    from free_dfml.server.inversion_engine import engine_name
     auto = FreeConfig.preset("tiny")
     assert auto.generator.engine == "auto"
-    assert auto.uses_batched_inversion("cuda") and not auto.uses_batched_inversion("cpu")
-    assert FreeConfig.preset("tiny", batched_inversion=True).uses_batched_inversion("cpu")
-    assert not FreeConfig.preset("tiny", batched_inversion=False).uses_batched_inversion("cuda")
-    assert "step" not in FreeTrainer(tiny_zoo, auto, device="cpu").metagen.__dict__   # the loop on CPU
+    assert (engine_name("auto", "cuda"), engine_name("auto", "cpu")) == ("grouped", "loop")
+    assert engine_name(FreeConfig.preset("tiny", batched_inversion=True).generator.engine, "cpu") == "grouped"
+    assert engine_name(FreeConfig.preset("tiny", batched_inversion=False).generator.engine, "cuda") == "loop"
+    assert FreeTrainer(tiny_zoo, auto, device="cpu").engine.name == "loop"
     for bad in ("yes", 1.5, None):
         with pytest.raises(ValueError, match=r"generator.engine \(batched_inversion\)"):
             FreeConfig.preset("tiny", batched_inversion=bad)
