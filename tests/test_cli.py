@@ -22,7 +22,7 @@ def cli(capsys, which: str, *argv: str) -> tuple[int, str, str]:
     elif which == "free-server":
         from free_dfml.server.cli import app
     else:
-        from free_dfml.server.sim_cli import app
+        from free_dfml.sim.cli import app
     code = run_cli(app, which, [str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
@@ -144,6 +144,11 @@ def test_server_bad_config_file(capsys, tmp_path):
     code, _, err = cli(capsys, "free-server", "start", "--state", tmp_path / "s", "--config", badfree)
     assert code != 0
     one_line_error(err, "inversion")
+    unknown_free = tmp_path / "unknown_free.toml"     # the [free] table's sections: [free.generator] ...
+    unknown_free.write_text('[free.generator]\nlr = 0.01\nnope = 1\n')
+    code, _, err = cli(capsys, "free-server", "start", "--state", tmp_path / "s", "--config", unknown_free)
+    assert code != 0
+    one_line_error(err, "unknown FreeConfig key generator.nope")
 
 
 @pytest.mark.parametrize("argv,needle", [
