@@ -320,7 +320,7 @@ def evaluate(
         torch.set_num_threads(threads)
     trainer = load_trainer(state, device)
     try:
-        doc = evaluate_trainer(trainer, spec, progress=not as_json,
+        doc = evaluate_trainer(trainer, spec, progress=not as_json and sys.stdout.isatty(),
                                on_data=None if as_json else (lambda info: print(data_line(info), flush=True)))
     except EvaluationError as e:
         raise CliError(str(e)) from None
