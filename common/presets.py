@@ -155,3 +155,9 @@ def study(name: str, **overrides: Any) -> Study:
         else:
             raise ValueError(f"unknown preset key {key!r} (sections: data, clients, free, evaluation, seed)")
     return s
+
+
+def free_config(name: str, **overrides: Any) -> FreeConfig:
+    """Preset ``name``'s FREE settings (``study(name).free``) with ``overrides`` (any form
+    ``FreeConfig.from_dict`` takes): what the server's ``--preset`` means."""
+    return study(name).free.replace(**overrides)

@@ -94,10 +94,8 @@ def settings_from(state: StateDir, config: dict[str, Any], **cli: Any):
         raise CliError(f"bad settings: {e}") from None
     # validate the FREE config early (the preset name and the overrides)
     try:
-        from free_dfml.server.trainer import FreeConfig
-        FreeConfig.preset(s.preset, **s.free_config).validate()
-    except ImportError:
-        pass
+        from free_dfml.common.presets import free_config
+        free_config(s.preset, **s.free_config)
     except (TypeError, ValueError, KeyError) as e:
         raise CliError(f"bad FREE config: {e}") from None
     return s
@@ -115,7 +113,7 @@ def start(
     insecure: bool = typer.Option(False, "--insecure", help="allow a non-loopback address without TLS"),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML/JSON server settings (+ \\[free] table)"),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda"),
-    preset: Optional[str] = typer.Option(None, "--preset", help="FREE preset: paper|quick|tiny"),
+    preset: Optional[str] = typer.Option(None, "--preset", help="preset whose FREE settings to use: tiny|demo|quick|paper (default quick)"),
     max_iterations: Optional[int] = typer.Option(None, "--max-iterations", help="stop training after N (0: never)"),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="checkpoint every N iterations"),
     min_models: Optional[int] = typer.Option(None, "--min-models", help="models in the zoo before training starts"),

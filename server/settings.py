@@ -24,7 +24,7 @@ class ServerSettings:
     max_payload_bytes: int = MAX_PACKAGE_BYTES
     device: str = "auto"
     train: bool = True
-    preset: str = "quick"               # FreeConfig preset
+    preset: str = "quick"               # study preset whose FREE settings are used (common/presets.py)
     free_config: dict[str, Any] = field(default_factory=dict)   # FreeConfig overrides
     max_iterations: int = 0             # 0: train as long as the server runs
     expected_models: int = 0            # simulation: replies to wait for before finishing
@@ -65,8 +65,9 @@ class ServerSettings:
 
 
 def free_config_for(settings: ServerSettings, zoo: "Zoo"):
-    """The FreeConfig: preset + overrides; image size/channels from the first zoo model if not set."""
-    from free_dfml.common.config import FreeConfig, nest
+    """The FreeConfig: the preset's + overrides; image size/channels from the first zoo model if not set."""
+    from free_dfml.common.config import nest
+    from free_dfml.common.presets import free_config
     over = nest(dict(settings.free_config))
     ids = zoo.ids()
     if ids:
@@ -74,4 +75,4 @@ def free_config_for(settings: ServerSettings, zoo: "Zoo"):
         learner = over.setdefault("learner", {})
         learner.setdefault("image_size", h)
         learner.setdefault("channels", c)
-    return FreeConfig.preset(settings.preset, **over)
+    return free_config(settings.preset, **over)

@@ -258,6 +258,8 @@ class FreeTrainer:
         if saved != self.cfg:
             mine = self.cfg.flat()
             diff = sorted(k for k, v in saved.flat().items() if mine.get(k) != v)
+            if saved.generator.inversion == self.cfg.generator.inversion == "five":
+                diff = [k for k in diff if k != "generator.scratch_steps"]   # read by scratch inversion only
             if set(diff) - RESUMABLE_CHANGES:
                 raise ValueError(f"checkpoint config differs in {', '.join(diff)}; "
                                  "use the same config (or a fresh state_dir)")

@@ -67,6 +67,28 @@ def test_resume_refuses_a_different_config(tmp_path, tiny_zoo):
                            device="cpu").resume()
 
 
+def test_resume_ignores_scratch_steps_only_when_both_runs_invert_with_five(tmp_path, tiny_zoo):
+    FreeTrainer(tiny_zoo, FreeConfig.preset("tiny"), state_dir=tmp_path, device="cpu").checkpoint()
+    assert FreeTrainer(tiny_zoo, FreeConfig.preset("tiny", generator={"scratch_steps": 7}), state_dir=tmp_path,
+                       device="cpu").resume()
+    FreeTrainer(tiny_zoo, FreeConfig.preset("tiny", generator={"inversion": "scratch"}), state_dir=tmp_path / "s",
+                device="cpu").checkpoint()
+    other = FreeTrainer(tiny_zoo, FreeConfig.preset("tiny", generator={"inversion": "scratch", "scratch_steps": 7}),
+                        state_dir=tmp_path / "s", device="cpu")
+    with pytest.raises(ValueError, match=r"differs in generator\.scratch_steps"):
+        other.resume()
+
+
+def test_server_preset_is_the_registry_studys_free_settings(tmp_path, tiny_zoo):
+    from free_dfml.common.presets import study
+    from free_dfml.server.settings import ServerSettings, free_config_for
+    for name in ("tiny", "demo", "quick", "paper"):
+        cfg = free_config_for(ServerSettings(preset=name, free_config={"replay.patience": 3}), tiny_zoo)
+        assert cfg.replace(replay={"patience": study(name).free.replay.patience}, learner={
+            "image_size": 32, "channels": 3}) == study(name).free.replace(learner={"image_size": 32, "channels": 3})
+        assert cfg.replay.patience == 3
+
+
 def test_resume_reads_a_checkpoint_written_with_the_flat_config(tmp_path, tiny_zoo):
     """Checkpoints of the single-level config (``{"gen_lr": ..., "bank_capacity": ...}``) still resume,
     and a schedule change (more iterations, a checkpoint cadence) is still allowed."""
