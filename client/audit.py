@@ -11,7 +11,9 @@ Two known attacks, measured; neither proves that no other attack works:
   never saw, drawn from the same classes by the same seeded split as ``free-client train``), in pixel
   space, in the model's own penultimate features and in a fixed random convolutional network's
   features. If the model leaks its training images, recovered images sit nearer to training images
-  than to held-out ones more often than chance, ``n_train / (n_train + n_heldout)``.
+  than to held-out ones more often than chance, ``n_train / (n_train + n_heldout)``; the p-value
+  comes from reshuffling the training / held-out labels of the private images (many recovered
+  images often share one nearest "hub" image, so they are not independent draws).
 * **Membership inference.** Loss-threshold and confidence (max softmax) attacks on training vs
   held-out images: ROC AUC (with a bootstrap 95% interval) and the true-positive rate at 1% false
   positives.
@@ -23,7 +25,6 @@ classes of the train split) and the audit splits it exactly as training did (:fu
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -61,6 +62,7 @@ class AuditConfig:
     seed: int = 0                   # the attacks' generator / latent draws
     pairs: int = 8                  # closest (recovered, training) pairs listed, and grid columns
     bootstrap: int = 200            # resamples for the AUC interval
+    permutations: int = 2000        # relabellings for the training-share p-values
 
 
 # ------------------------------------------------------------------------------------- the data
@@ -240,14 +242,21 @@ def embed(x: torch.Tensor, space: str, model: nn.Module, random_net: nn.Module) 
     return F.normalize(f.flatten(1), dim=1)
 
 
-def binom_sf(k: int, n: int, p: float) -> float:
-    """P(X >= k) for X ~ Binomial(n, p)."""
-    if n == 0:
-        return 1.0
-    return float(min(1.0, sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1))))
+def _perm_p(nn_pos: list[torch.Tensor], n_train: list[int], n_private: list[int], observed: int,
+            rng: torch.Generator, permutations: int) -> float:
+    """Permutation p-value of ``observed`` training hits: the training / held-out labels of each
+    class's private images are reshuffled (counts kept), each recovered image keeps its nearest
+    private image. Exact under the null that the model does not single out its training images, and
+    valid when many recovered images share one nearest image (hubs), unlike a binomial test."""
+    hits = torch.zeros(permutations)
+    for pos, nt, npv in zip(nn_pos, n_train, n_private):
+        is_train = torch.argsort(torch.rand(permutations, npv, generator=rng), 1) < nt   # [P, npv]
+        hits += is_train[:, pos].sum(1).float()
+    return float((1 + (hits >= observed).sum()) / (1 + permutations))
 
 
-def _space(e_r, e_tr, e_ho, y_r, y_tr, y_ho, class_names: list[str]) -> tuple[dict, dict]:
+def _space(e_r, e_tr, e_ho, y_r, y_tr, y_ho, class_names: list[str], rng: torch.Generator,
+           permutations: int) -> tuple[dict, dict]:
     """One space: the training share per class and pooled, and per recovered image its nearest
     training image and nearest private image (training or held-out)."""
     n = len(y_r)
@@ -255,8 +264,9 @@ def _space(e_r, e_tr, e_ho, y_r, y_tr, y_ho, class_names: list[str]) -> tuple[di
              "d_any": torch.full((n,), float("inf")), "i_any": torch.full((n,), -1, dtype=torch.long),
              "is_train": torch.zeros(n, dtype=torch.bool)}
     per_class, d_tr_all, d_ho_all, ref_all = [], [], [], []
-    hits = n_all = 0
-    expect = var = 0.0
+    nn_pos, n_train, n_private = [], [], []
+    hits = n_all = distinct = 0
+    expect = 0.0
     for c, name in enumerate(class_names):
         r, t, h = ((y == c).nonzero().flatten() for y in (y_r, y_tr, y_ho))
         if len(r) == 0 or len(t) == 0 or len(h) == 0:
@@ -265,12 +275,17 @@ def _space(e_r, e_tr, e_ho, y_r, y_tr, y_ho, class_names: list[str]) -> tuple[di
         dh, ih = torch.cdist(e_r[r], e_ho[h]).min(1)
         ref_all.append(torch.cdist(e_ho[h], e_tr[t]).min(1).values)   # how near unseen images come
         to_tr = dt < dh
+        pos = torch.where(to_tr, it, len(t) + ih)         # nearest private image: [train..., held-out...]
         p, k = len(t) / (len(t) + len(h)), int(to_tr.sum())
         per_class.append({"class": name, "recovered": len(r), "train_share": k / len(r), "chance": p,
-                          "p_value": binom_sf(k, len(r), p), "median_nn_train": float(dt.median()),
-                          "median_nn_heldout": float(dh.median())})
-        hits, n_all = hits + k, n_all + len(r)
-        expect, var = expect + p * len(r), var + p * (1 - p) * len(r)
+                          "p_value": _perm_p([pos], [len(t)], [len(t) + len(h)], k, rng, permutations),
+                          "distinct_nearest": int(pos.unique().numel()),
+                          "median_nn_train": float(dt.median()), "median_nn_heldout": float(dh.median())})
+        hits, n_all, expect = hits + k, n_all + len(r), expect + p * len(r)
+        distinct += int(pos.unique().numel())
+        nn_pos.append(pos)
+        n_train.append(len(t))
+        n_private.append(len(t) + len(h))
         d_tr_all.append(dt)
         d_ho_all.append(dh)
         match["d_train"][r], match["i_train"][r] = dt, t[it]
@@ -279,18 +294,18 @@ def _space(e_r, e_tr, e_ho, y_r, y_tr, y_ho, class_names: list[str]) -> tuple[di
         match["is_train"][r] = to_tr
     if n_all == 0:
         return {}, match
-    z = (hits - expect) / math.sqrt(var) if var > 0 else 0.0
     d_tr = torch.cat(d_tr_all)
     ref5 = float(torch.quantile(torch.cat(ref_all), 0.05))
-    return {"train_share": hits / n_all, "chance": expect / n_all, "z": z,
-            "p_value": 0.5 * math.erfc(z / math.sqrt(2)),     # normal approximation, one-sided
+    return {"train_share": hits / n_all, "chance": expect / n_all,
+            "p_value": _perm_p(nn_pos, n_train, n_private, hits, rng, permutations),
+            "distinct_nearest": distinct,
             "median_nn_train": float(d_tr.median()), "median_nn_heldout": float(torch.cat(d_ho_all).median()),
             "heldout_to_train_p5": ref5, "closer_than_heldout_p5": int((d_tr < ref5).sum()),
             "per_class": per_class}, match
 
 
 def nearest(rec: dict, x_tr, y_tr, x_ho, y_ho, model: nn.Module, random_net: nn.Module,
-            class_names: list[str], pairs: int) -> tuple[dict, dict]:
+            class_names: list[str], pairs: int, *, seed: int = 0, permutations: int = 2000) -> tuple[dict, dict]:
     """Per space and class: the share of recovered images whose nearest private image (same class) is a
     training image, against chance; the closest (recovered, training) pairs in pixel space.
     Returns (figures, the pixel-space match of every recovered image)."""
@@ -300,7 +315,8 @@ def nearest(rec: dict, x_tr, y_tr, x_ho, y_ho, model: nn.Module, random_net: nn.
     pixel_match: dict = {}
     for space in SPACES:
         e_r, e_tr, e_ho = (embed(v, space, model, random_net) for v in (x_r, x_tr, x_ho))
-        fig, match = _space(e_r, e_tr, e_ho, y_r, y_tr, y_ho, class_names)
+        rng = torch.Generator().manual_seed(seed)
+        fig, match = _space(e_r, e_tr, e_ho, y_r, y_tr, y_ho, class_names, rng, permutations)
         if fig:
             out["spaces"][space] = fig
         if space == "pixel":
@@ -347,7 +363,8 @@ def run_audit(pkg: ModelPackage, data: SplitData, *, holdout: float, seed: int, 
     for i, (attack, rec) in enumerate(recovered.items()):
         if progress:
             progress("nearest neighbours", i, len(recovered))
-        res, match = nearest(rec, x_tr, y_tr, x_ho, y_ho, model, random_net, list(data.classes), cfg.pairs)
+        res, match = nearest(rec, x_tr, y_tr, x_ho, y_ho, model, random_net, list(data.classes), cfg.pairs,
+                             seed=cfg.seed, permutations=cfg.permutations)
         res["verdict"] = inversion_verdict(attack, res)
         inversion[attack] = res
         images[attack] = {"images": rec["images"], "labels": rec["labels"], "match": match}

@@ -108,7 +108,9 @@ def markdown(doc: dict, grids: list[str]) -> str:
     lines += ["", "AUC 0.50: the attack cannot tell training images from held-out ones; 1.00: it always can.", ""]
     lines += ["## Inversion leakage", "",
               "Each recovered image's nearest same-class private image: is it a training image? Chance is "
-              "the training share of the private images. `p`: one-sided test against chance. The verdict "
+              "the training share of the private images. `p`: permutation test (the training / held-out "
+              "labels of the private images reshuffled; valid when many recovered images share one nearest "
+              "image). `distinct`: how many different private images are nearest to some recovered image. The verdict "
               "tests the pixel and random-network spaces, which treat training and held-out images alike; "
               "the model's own features were fit to the training images, so there the share departs from "
               "chance either way without any image being reproduced (a sign of membership, not a copy).", ""]
@@ -117,11 +119,12 @@ def markdown(doc: dict, grids: list[str]) -> str:
         budget = (f"{s['iterations']} FIVE iterations x {s['inner_steps']} inner steps, last "
                   f"{s['kept_iterations']} kept" if attack == "five" else f"{s['steps']} steps")
         lines += [f"### {attack} ({res['images']} recovered images; {budget}; final CE {_f(res['final_ce'], 3)})", "",
-                  "| space | training share | chance | p | median NN dist train / held-out | "
+                  "| space | training share | chance | p | distinct | median NN dist train / held-out | "
                   "recovered nearer a training image than 95% of held-out images are |",
-                  "|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|"]
         for space, v in res["spaces"].items():
             lines.append(f"| {space} | {_f(v['train_share'])} | {_f(v['chance'])} | {v['p_value']:.2g} | "
+                         f"{v['distinct_nearest']} | "
                          f"{_f(v['median_nn_train'], 3)} / {_f(v['median_nn_heldout'], 3)} | "
                          f"{v['closer_than_heldout_p5']} |")
         lines += ["", "Per class (pixel / model / random training share):", ""]

@@ -175,6 +175,9 @@ def audit(
         private = ds.subset("train", class_list)
     except DataError as e:
         raise CliError(str(e)) from None
+    trained_on = (pkg.meta.training or {}).get("dataset")
+    if trained_on is not None and trained_on != ds.name:
+        raise CliError(f"the model was trained on the {trained_on!r} data set, --data gives {ds.name!r}")
     cfg = AuditConfig(preset=preset, five_iterations=five_iterations, scratch_steps=scratch_steps)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     with Progress(TextColumn("audit: {task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fake_data import FakeFewShotDataset
-from free_dfml.client.audit import (AuditConfig, AuditError, RandomConvNet, binom_sf, nearest, roc_auc,
+from free_dfml.client.audit import (AuditConfig, AuditError, RandomConvNet, _perm_p, nearest, roc_auc,
                                     run_audit, split_private, tpr_at_fpr)
 from free_dfml.client.audit_report import verdicts_for, write_report
 from free_dfml.client.cli import app
@@ -43,8 +43,16 @@ def test_auc_and_tpr_at_low_fpr():
     assert roc_auc(np.array([1.0, 3.0]), np.array([2.0])) == 0.5
     assert tpr_at_fpr(pos, neg, 0.01) == 1.0
     assert tpr_at_fpr(np.array([1.0, 5.0]), np.array([2.0, 6.0]), 0.01) == 0.0   # nothing above the top non-member
-    assert binom_sf(0, 10, 0.3) == pytest.approx(1.0)
-    assert binom_sf(10, 10, 0.5) == pytest.approx(0.5 ** 10)
+
+
+def test_permutation_p_value_counts_hubs_once():
+    """Ten recovered images whose nearest image is the same training image (a hub) are one piece of
+    evidence, not ten: p about the chance share; ten distinct training images: p tiny."""
+    g = torch.Generator().manual_seed(0)
+    hub = torch.zeros(10, dtype=torch.long)
+    assert _perm_p([hub], [8], [10], 10, g, 2000) == pytest.approx(0.8, abs=0.05)
+    spread = torch.arange(10).repeat(2)              # 10 distinct images of 40 private, 20 of them training
+    assert _perm_p([spread], [20], [40], 20, g, 2000) < 0.01
 
 
 def test_nearest_neighbour_share_detects_copies_and_not_fresh_draws(noisy):
@@ -173,6 +181,7 @@ def test_audit_reads_only_the_given_classes(noisy, tmp_path, capsys):
     root = tmp_path / "data"
     _write_folder(root, noisy, [0, 1, 2], corrupt_class=2)
     model = tmp_path / "m.safetensors"
+    pkg.meta.training["dataset"] = "folder"     # the same images, written as a folder data set
     save_package(pkg, model)
     args = ["audit", "--model", str(model), "--data", f"folder:{root}", "--classes", "0,1", "--holdout", "0.5",
             "--out", str(tmp_path / "out"), "--preset", "tiny", "--five-iterations", "2", "--scratch-steps", "3"]
@@ -196,9 +205,11 @@ def test_audit_reads_only_the_given_classes(noisy, tmp_path, capsys):
     (["--data", "nope:x"], "unknown data set spec"),
     (["--out", "{file}"], "--out is a file"),
     (["--preset", "bogus"], "unknown preset"),
+    (["--classes", "0,1"], "trained on the 'fake'"),
 ])
 def test_audit_bad_input_is_one_line(noisy, tmp_path, capsys, args, msg):
     pkg, _ = train_client(noisy, [0, 1], TrainConfig(epochs=1, holdout=0.5, arch_kwargs={"width": 8}))
+    pkg.meta.training["dataset"] = "folder" if msg != "trained on the 'fake'" else "fake"
     model = tmp_path / "m.safetensors"
     save_package(pkg, model)
     root = tmp_path / "data"
