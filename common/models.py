@@ -37,10 +37,10 @@ def _norm(kind: str, channels: int) -> nn.Module:
 
 
 def cpu_layout(x: torch.Tensor) -> torch.Tensor:
-    """Channels-last on CPU: there, convolutions and max-pooling run 1.4-1.8x faster in that layout
-    (one Conv4 adaptation episode: 37 -> 27 ms at width 16, 164 -> 90 ms at width 32, 5-way 5-shot,
-    one thread). Values are the same up to float rounding; GPU inputs are left as they are, and so
-    are tensors inside ``torch.func.vmap`` (which cannot change memory format yet)."""
+    """Channels-last on CPU, where PyTorch's convolutions and max-pooling run faster in that layout
+    (the adaptation episodes of evaluation and replay are conv-bound). Values are the same up to float
+    rounding; GPU inputs are left as they are, and so are tensors inside ``torch.func.vmap`` (which
+    cannot change memory format yet)."""
     if x.dim() == 4 and x.device.type == "cpu":
         try:
             return x.contiguous(memory_format=torch.channels_last)
