@@ -27,18 +27,27 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from free_dfml.common.files import atomic_write_bytes
-from free_dfml.common.limits import MAX_HEADER_BYTES, MAX_PACKAGE_BYTES
+from free_dfml.common.limits import (MAX_ABS_MEAN, MAX_ABS_WEIGHT, MAX_HEADER_BYTES, MAX_JSON_DEPTH,
+                                     MAX_PACKAGE_BYTES, MAX_PARAMETERS, MAX_SIDE, MAX_STD, MIN_SIDE,
+                                     MIN_STD, PROBE_SEED, bounded_reason)
+from free_dfml.common.metadata import check_dp, check_labels, check_training, json_depth
 from free_dfml.common.models import ArchitectureError, Normalized, build_model, check_arch_kwargs
 
 FORMAT = "free-dfml/model-package"
 FORMAT_VERSION = 1
 META_KEY = "free_dfml"
 MIN_CLASSES, MAX_CLASSES = 2, 1000
-MIN_SIDE, MAX_SIDE = 8, 512
+# the metadata schema of format_version 1: any other top-level key is rejected
+META_KEYS = frozenset({"format", "format_version", "arch", "arch_kwargs", "num_classes", "input_shape",
+                       "mean", "std", "class_labels", "training", "dp"})
 
 
 class PackageError(ValueError):
-    """A model package that cannot be accepted; the message says exactly why."""
+    """A model package that cannot be accepted; the message says exactly why, on one printable line
+    of at most ``limits.MAX_REASON_BYTES`` bytes (whatever the package put in it)."""
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(bounded_reason(message))
 
 
 @dataclass
@@ -126,7 +135,11 @@ def canonical_id(state: Mapping[str, torch.Tensor]) -> str:
 # ----------------------------------------------------------------------------------- validation
 
 def _num(v: Any, what: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    try:
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+    except OverflowError:           # an int past float's range
+        ok = False
+    if not ok:
         raise PackageError(f"metadata {what} must be a finite number, got {v!r}")
     return float(v)
 
@@ -137,15 +150,65 @@ def _int(v: Any, what: str, lo: int, hi: int) -> int:
     return v
 
 
+def _f32(v: float) -> float:
+    """``v`` as float32 stores it (inf past float32's range, 0.0 below its smallest subnormal)."""
+    try:
+        return struct.unpack("<f", struct.pack("<f", v))[0]
+    except OverflowError:
+        return math.copysign(math.inf, v)
+
+
+def _normalisation(vals: Any, name: str, c: int) -> tuple[float, ...]:
+    """Mean or std: ``c`` finite numbers that stay finite (std: positive) in float32, in range."""
+    if not isinstance(vals, (list, tuple)) or len(vals) != c:
+        raise PackageError(f"metadata {name} must list {c} value(s), got {vals!r}")
+    out = tuple(_num(v, name) for v in vals)
+    for v in out:
+        f = _f32(v)
+        if name == "mean" and not (math.isfinite(f) and abs(f) <= MAX_ABS_MEAN):
+            raise PackageError(f"metadata mean {v!r} is outside -{MAX_ABS_MEAN:g}..{MAX_ABS_MEAN:g} "
+                               f"(images are in [0, 1]; float32 holds it as {f!r})")
+        if name == "std" and not f > 0:
+            raise PackageError(f"metadata std must be positive in float32, got {v!r} "
+                               f"(float32 holds it as {f!r})")
+        if name == "std" and not MIN_STD <= f <= MAX_STD:
+            raise PackageError(f"metadata std {v!r} is outside {MIN_STD:g}..{MAX_STD:g} "
+                               "(the normalised image would not be a sane float32)")
+    return out
+
+
+def parse_json(text: str | bytes, what: str = "free-dfml metadata") -> Any:
+    """``json.loads`` whose every failure (bad bytes, bad JSON, nesting past the interpreter's
+    stack or past ``MAX_JSON_DEPTH``) is a :class:`PackageError`."""
+    try:
+        doc = json.loads(text)
+    except RecursionError:
+        raise PackageError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except (TypeError, ValueError):      # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise PackageError(f"{what} is not valid JSON") from None
+    if json_depth(doc, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise PackageError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
+    return doc
+
+
 def parse_meta(doc: Mapping[str, Any]) -> ModelMeta:
     """Validate a metadata document (already JSON-decoded) into a :class:`ModelMeta`."""
     if not isinstance(doc, Mapping):
         raise PackageError("metadata must be a JSON object")
-    if doc.get("format", FORMAT) != FORMAT:
-        raise PackageError(f"metadata format {doc.get('format')!r} is not {FORMAT!r}")
+    if json_depth(doc, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise PackageError(f"metadata is nested deeper than {MAX_JSON_DEPTH} levels")
+    if "format" not in doc:
+        raise PackageError(f"metadata has no 'format' key (expected {FORMAT!r})")
+    if doc["format"] != FORMAT:
+        raise PackageError(f"metadata format {doc['format']!r} is not {FORMAT!r}")
     version = doc.get("format_version")
-    if version != FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version != FORMAT_VERSION:
         raise PackageError(f"unsupported format_version {version!r} (this build reads {FORMAT_VERSION})")
+    unknown = sorted(str(k) for k in doc if k not in META_KEYS)
+    if unknown:
+        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+        raise PackageError(f"metadata has unknown key(s) {', '.join(repr(k[:40]) for k in unknown[:3])}"
+                           f"{more} (format_version {FORMAT_VERSION} has: {', '.join(sorted(META_KEYS))})")
     for key in ("arch", "num_classes", "input_shape", "mean", "std"):
         if key not in doc:
             raise PackageError(f"metadata is missing {key!r}")
@@ -172,35 +235,28 @@ def parse_meta(doc: Mapping[str, Any]) -> ModelMeta:
         raise PackageError(f"metadata input_shape must be square, got {h}x{w}")
     if h < 28:
         raise PackageError(f"architecture {arch} needs an image side >= 28, got {h}")
-    mean, std = doc["mean"], doc["std"]
-    for name, vals in (("mean", mean), ("std", std)):
-        if not isinstance(vals, (list, tuple)) or len(vals) != c:
-            raise PackageError(f"metadata {name} must list {c} value(s), got {vals!r}")
-    mean = tuple(_num(v, "mean") for v in mean)
-    std = tuple(_num(v, "std") for v in std)
-    if any(s <= 0 for s in std):
-        raise PackageError(f"metadata std must be positive, got {list(std)}")
+    mean, std = _normalisation(doc["mean"], "mean", c), _normalisation(doc["std"], "std", c)
     labels = doc.get("class_labels")
-    if labels is not None:
-        if (not isinstance(labels, list) or len(labels) != num_classes
-                or not all(isinstance(x, str) and len(x) <= 200 for x in labels)):
-            raise PackageError(f"metadata class_labels must list {num_classes} strings")
+    if labels is not None and (problem := check_labels(labels, num_classes)):
+        raise PackageError(problem)
     training = doc.get("training") or {}
-    if not isinstance(training, Mapping):
-        raise PackageError("metadata training must be an object")
+    if problem := check_training(training):
+        raise PackageError(problem)
     dp = doc.get("dp")
     if dp is not None:
-        if not isinstance(dp, Mapping):
-            raise PackageError("metadata dp must be an object")
-        for key in ("epsilon", "delta"):
-            if key not in dp:
-                raise PackageError(f"metadata dp is missing {key!r}")
-        dp = {k: _num(v, f"dp.{k}") for k, v in dp.items()}
+        if problem := check_dp(dp):
+            raise PackageError(problem)
+        dp = {str(k): float(v) for k, v in dp.items()}
         if arch_kwargs.get("norm") == "bn":
             raise PackageError("a DP-trained model must use norm 'gn' (BatchNorm is not DP-compatible)")
-    return ModelMeta(arch=arch, num_classes=num_classes, input_shape=(c, h, w), mean=mean, std=std,
+    meta = ModelMeta(arch=arch, num_classes=num_classes, input_shape=(c, h, w), mean=mean, std=std,
                      arch_kwargs=arch_kwargs, class_labels=labels, training=dict(training),
                      dp=dp, format_version=FORMAT_VERSION)
+    values = sum(math.prod(s) for s in expected_shapes(meta).values())
+    if values > MAX_PARAMETERS:
+        raise PackageError(f"{arch} {arch_kwargs} with {num_classes} classes at {h} px stores {values} "
+                           f"values, over the limit of {MAX_PARAMETERS}")
+    return meta
 
 
 def package_from_tensors(state: Mapping[str, torch.Tensor], meta_doc: Mapping[str, Any] | ModelMeta
@@ -228,10 +284,40 @@ def package_from_tensors(state: Mapping[str, torch.Tensor], meta_doc: Mapping[st
             raise PackageError(f"tensor {k!r} has shape {list(t.shape)}, expected {list(expected[k])}")
         if not torch.isfinite(t).all():
             raise PackageError(f"tensor {k!r} holds non-finite values (NaN or Inf)")
+        peak = float(t.abs().max()) if t.numel() else 0.0
+        if peak > MAX_ABS_WEIGHT:
+            raise PackageError(f"tensor {k!r} holds a value of magnitude {peak:.3g}, over the "
+                               f"limit of {MAX_ABS_WEIGHT:g}")
         if k.endswith("running_var") and (t < 0).any():
             raise PackageError(f"tensor {k!r} holds negative variances")
         clean[k] = t.contiguous()
+    _probe(meta, clean)
     return ModelPackage(meta=meta, state=clean)
+
+
+def _probe(meta: ModelMeta, state: dict[str, torch.Tensor]) -> None:
+    """The model's own output on two probe images (all zeros, and seeded uniform noise) at its
+    declared shape, in eval mode, must be finite: weights and normalisation that overflow float32
+    together are caught here, before any trainer step sees them. Uses its own generator (the
+    global random state is left as it was) and the package's tensors in place (no copy)."""
+    with torch.device("meta"):
+        net = _skeleton(meta)
+    net.load_state_dict(state, strict=False, assign=True)
+    for mod in net.modules():               # num_batches_tracked: unused in eval mode
+        for name, buf in list(mod.named_buffers(recurse=False)):
+            if buf is not None and buf.is_meta:
+                mod.register_buffer(name, torch.zeros(buf.shape, dtype=buf.dtype))
+    model = Normalized(net, meta.mean, meta.std).eval()
+    g = torch.Generator().manual_seed(PROBE_SEED)
+    x = torch.cat([torch.zeros(1, *meta.input_shape), torch.rand(1, *meta.input_shape, generator=g)])
+    with torch.no_grad():
+        out = model(x)
+    if tuple(out.shape) != (2, meta.num_classes):
+        raise PackageError(f"the model's output on a probe input has shape {list(out.shape)}, "
+                           f"expected [2, {meta.num_classes}]")
+    if not torch.isfinite(out).all():
+        raise PackageError("the model's output on a probe input is not finite (NaN or Inf): its "
+                           "weights and normalisation overflow float32")
 
 
 def _header_meta(data: bytes) -> dict[str, Any]:
@@ -242,17 +328,17 @@ def _header_meta(data: bytes) -> dict[str, Any]:
         raise PackageError("not a safetensors file (bad header length; truncated or corrupt)")
     try:
         header = json.loads(data[8:8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):      # bad bytes or JSON, or nested past the stack
         raise PackageError("not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise PackageError("not a safetensors file (header is not an object)")
-    meta = (header.get("__metadata__") or {}).get(META_KEY)
+    meta = header.get("__metadata__") or {}
+    meta = meta.get(META_KEY) if isinstance(meta, dict) else None
     if meta is None:
         raise PackageError(f"safetensors file has no free-dfml metadata (key {META_KEY!r})")
-    try:
-        return json.loads(meta)
-    except (TypeError, json.JSONDecodeError):
-        raise PackageError("free-dfml metadata is not valid JSON") from None
+    if not isinstance(meta, str):
+        raise PackageError("free-dfml metadata is not valid JSON")
+    return parse_json(meta)
 
 
 def package_from_bytes(data: bytes, *, max_bytes: int = MAX_PACKAGE_BYTES) -> ModelPackage:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
 
-from free_dfml.common.limits import MAX_ARRAYS, MAX_HEADER_BYTES, MAX_PACKAGE_BYTES
+from free_dfml.common.limits import MAX_ARRAYS, MAX_HEADER_BYTES, MAX_PACKAGE_BYTES, bounded_reason
 
 if TYPE_CHECKING:
     from free_dfml.common.package import ModelPackage
@@ -61,7 +61,7 @@ def ack_message(node_id: int, outcome: dict[str, Any]) -> Message:
     """The acknowledgement of a reply: ``outcome`` as the service decided it (accepted, model_id,
     new, reason)."""
     rec = {"accepted": bool(outcome["accepted"]), "model-id": str(outcome.get("model_id") or ""),
-           "new": bool(outcome.get("new", False)), "reason": str(outcome.get("reason") or "")}
+           "new": bool(outcome.get("new", False)), "reason": bounded_reason(outcome.get("reason") or "")}
     return Message(RecordDict({ACK_KEY: ConfigRecord(rec)}), dst_node_id=node_id,
                    message_type=f"{QUERY}.{ACK_ACTION}")
 
@@ -100,7 +100,7 @@ def package_to_content(pkg: "ModelPackage") -> RecordDict:
 
 
 def error_reply(msg: Message, reason: str) -> Message:
-    return Message(Error(code=ERR_INVALID_PACKAGE, reason=reason), reply_to=msg)
+    return Message(Error(code=ERR_INVALID_PACKAGE, reason=bounded_reason(reason)), reply_to=msg)
 
 
 def package_reply(msg: Message, pkg_or_path: "ModelPackage | str | os.PathLike") -> Message:
@@ -133,7 +133,7 @@ def unverified_content(path: str | os.PathLike) -> RecordDict:
         n = int.from_bytes(data[:8], "little")
         try:
             header = json.loads(data[8:8 + n])
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):
             header = {}
         if isinstance(header, dict):
             meta_json = str((header.get("__metadata__") or {}).get("free_dfml", "{}"))
@@ -181,7 +181,7 @@ def content_to_package(content: RecordDict, *, max_bytes: int = MAX_PACKAGE_BYTE
     """Check a reply's content and validate it into a package; raises PackageError with the reason."""
     import torch
 
-    from free_dfml.common.package import PackageError, package_from_tensors
+    from free_dfml.common.package import PackageError, package_from_tensors, parse_json
     arrays, meta, doc = _check_records(content)
     total = sum(len(a.data) for a in arrays.values()) + len(doc)
     if total > max_bytes:
@@ -200,11 +200,7 @@ def content_to_package(content: RecordDict, *, max_bytes: int = MAX_PACKAGE_BYTE
         if nd.dtype != np.float32 or tuple(nd.shape) != tuple(arr.shape):
             raise PackageError(f"tensor {name!r} does not match its declared dtype/shape")
         state[name] = torch.from_numpy(np.ascontiguousarray(nd).copy())
-    try:
-        meta_doc = json.loads(doc)
-    except json.JSONDecodeError:
-        raise PackageError("metadata is not valid JSON") from None
-    pkg = package_from_tensors(state, meta_doc)
+    pkg = package_from_tensors(state, parse_json(doc, "metadata"))
     claimed = meta.get(ID_FIELD)
     if claimed is not None and claimed != pkg.model_id:
         raise PackageError("metadata model-id does not match the weights (corrupted in transit?)")

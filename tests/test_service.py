@@ -139,7 +139,7 @@ def test_wire_module_loads_without_torch_and_owns_the_caps():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr[-500:]
     from free_dfml.common import package
-    assert wire.MAX_PACKAGE_BYTES == package.MAX_PACKAGE_BYTES == 256 * 1024 * 1024
+    assert wire.MAX_PACKAGE_BYTES == package.MAX_PACKAGE_BYTES == 64 * 1024 * 1024
     assert wire.MAX_HEADER_BYTES == package.MAX_HEADER_BYTES
 
 

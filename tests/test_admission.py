@@ -1,0 +1,184 @@
+"""Admission checks on a model package: every hostile case of tests/hostile.py is refused with one
+short line naming the problem, in process (``package_from_tensors``) and through the wire decode
+(``common.wire.content_to_package``); reasons are bounded wherever they are stored or sent; and
+Hypothesis fuzzes the parser and the metadata schema (only ``PackageError`` ever escapes)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import pytest
+import torch
+from flwr.app import Error, Message
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save as st_save
+
+import hostile
+from test_service import FakeGrid, make_server, task_identity  # noqa: F401 (autouse: Message ids)
+from free_dfml.common import limits, wire
+from free_dfml.common.limits import MAX_REASON_BYTES, bounded_reason
+from free_dfml.common.package import (META_KEY, PackageError, package_from_bytes, package_from_tensors,
+                                      parse_json, parse_meta)
+
+
+def _one_bounded_line(reason: str) -> None:
+    assert len(reason.encode("utf-8")) <= MAX_REASON_BYTES
+    assert reason.isprintable(), repr(reason)          # no newline, NUL, ESC or other control
+
+
+@pytest.mark.parametrize("case", sorted(hostile.PACKAGE_CASES))
+def test_hostile_package_rejected_in_process(case):
+    h = hostile.PACKAGE_CASES[case]()
+    with pytest.raises(PackageError, match=h.match) as err:
+        package_from_tensors(h.state, parse_json(h.doc) if isinstance(h.doc, str) else h.doc)
+    _one_bounded_line(str(err.value))
+
+
+@pytest.mark.parametrize("case", sorted(hostile.PACKAGE_CASES))
+def test_hostile_package_rejected_through_the_wire(case):
+    h = hostile.PACKAGE_CASES[case]()
+    with pytest.raises(PackageError, match=h.match) as err:
+        wire.content_to_package(hostile.as_content(h))
+    _one_bounded_line(str(err.value))
+
+
+def test_honest_packages_pass_every_check():
+    """Our own architectures at the sizes the toolkit uses pass, ResNet-18 at width 64 included
+    (11.7 M values with 1000 classes, under the 16 M cap); a DP (GroupNorm) model too."""
+    for arch, width, side, classes in (("conv4", 64, 84, 5), ("resnet18", 64, 32, 1000),
+                                       ("resnet10", 32, 128, 5)):
+        state, doc = hostile.valid(arch=arch, width=width, side=side, classes=classes)
+        pkg = package_from_tensors(state, doc)
+        assert sum(t.numel() for t in pkg.state.values()) <= limits.MAX_PARAMETERS
+        assert wire.content_to_package(hostile.as_content(hostile.Hostile(state, doc, ""))).model_id \
+            == pkg.model_id
+    state, doc = hostile.valid(norm="gn")
+    doc["dp"] = {"epsilon": 2.0, "delta": 1e-5, "noise_multiplier": 1.1, "max_grad_norm": 1.0}
+    assert package_from_tensors(state, doc).meta.is_dp
+
+
+def test_probe_leaves_the_global_random_state_alone():
+    state, doc = hostile.valid()
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    package_from_tensors(state, doc)
+    assert torch.equal(torch.rand(3), before)
+
+
+def test_package_byte_cap_fits_the_parameter_cap():
+    """No package within the parameter cap can need more than the byte cap."""
+    assert limits.MAX_PARAMETERS * 4 + limits.MAX_HEADER_BYTES <= limits.MAX_PACKAGE_BYTES
+
+
+def test_bounded_reason():
+    r = bounded_reason(hostile.huge_reason())
+    _one_bounded_line(r)
+    assert r.startswith("\\x1b[2J\\x00line\\nbreak\\r") and r.endswith("...")
+    assert bounded_reason("short and plain") == "short and plain"
+    assert bounded_reason("é" * 400).endswith("...")           # cut on a character boundary
+    _one_bounded_line(bounded_reason("é" * 400))
+    t0 = time.perf_counter()
+    bounded_reason("x" * 50_000_000)
+    assert time.perf_counter() - t0 < 0.5
+    _one_bounded_line(str(PackageError("a\nb" * 10_000)))     # every PackageError is bounded
+
+
+def test_huge_client_reason_bounded_in_the_error_reply_the_ack_and_the_service(tmp_path):
+    query = wire.query_message(1, wire.MAX_PACKAGE_BYTES)
+    _one_bounded_line(wire.error_reply(query, hostile.huge_reason()).error.reason)
+    ack = wire.ack_message(1, {"accepted": False, "reason": hostile.huge_reason()})
+    _one_bounded_line(wire.ack_document(ack)["reason"])
+    srv = make_server(tmp_path, FakeGrid())
+    reply = Message(Error(code=wire.ERR_INVALID_PACKAGE, reason=hostile.huge_reason()), reply_to=query)
+    outcome = srv.handle_reply(reply, 1)
+    assert outcome["accepted"] is False
+    _one_bounded_line(outcome["reason"])
+    [logged] = list(srv.state.submissions())
+    _one_bounded_line(logged["reason"])
+    assert (tmp_path / "state").exists()
+    assert sum(f.stat().st_size for f in (tmp_path / "state").rglob("*") if f.is_file()) < 100_000
+
+
+# ------------------------------------------------------------------------------------ fuzzing
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=10), kids, max_size=4),
+    max_leaves=20)
+
+_FIELDS = ["format", "format_version", "arch", "arch_kwargs", "num_classes", "input_shape", "mean",
+           "std", "class_labels", "training", "dp", "extra"]
+_STATE, _DOC = hostile.valid()
+_FAST = settings(max_examples=120, deadline=1000, suppress_health_check=[HealthCheck.too_slow])
+
+
+@_FAST
+@given(changes=st.dictionaries(st.sampled_from(_FIELDS), _json | st.just(None), max_size=4),
+       drop=st.lists(st.sampled_from(_FIELDS), max_size=2))
+def test_fuzz_metadata_schema(changes, drop):
+    """A valid document with fields replaced or removed: accepted, or a bounded PackageError."""
+    doc = {**_DOC, **changes}
+    for k in drop:
+        doc.pop(k, None)
+    t0 = time.perf_counter()
+    try:
+        meta = parse_meta(doc)
+    except PackageError as e:
+        _one_bounded_line(str(e))
+    else:
+        assert all(math.isfinite(s) and s > 0 for s in meta.std)
+    assert time.perf_counter() - t0 < 0.5
+
+
+@_FAST
+@given(doc=_json)
+def test_fuzz_metadata_any_json(doc):
+    try:
+        package_from_tensors(_STATE, doc)
+    except PackageError as e:
+        _one_bounded_line(str(e))
+
+
+_GOOD_BYTES = st_save(_STATE, metadata={META_KEY: json.dumps(_DOC)})
+
+
+@_FAST
+@given(data=st.data())
+def test_fuzz_package_bytes(data):
+    """Random bytes, and an honest file with bytes flipped, cut or its header replaced."""
+    kind = data.draw(st.sampled_from(["random", "flip", "cut", "header"]))
+    if kind == "random":
+        blob = data.draw(st.binary(max_size=200))
+    elif kind == "flip":
+        blob = bytearray(_GOOD_BYTES)
+        for pos in data.draw(st.lists(st.integers(0, len(blob) - 1), min_size=1, max_size=8)):
+            blob[pos] = data.draw(st.integers(0, 255))
+        blob = bytes(blob)
+    elif kind == "cut":
+        blob = _GOOD_BYTES[:data.draw(st.integers(0, len(_GOOD_BYTES)))]
+    else:
+        header = data.draw(st.binary(max_size=100) | _json.map(lambda v: json.dumps(v).encode()))
+        blob = len(header).to_bytes(8, "little") + header + _GOOD_BYTES[8:]
+    t0 = time.perf_counter()
+    try:
+        package_from_bytes(blob)
+    except PackageError as e:
+        _one_bounded_line(str(e))
+    assert time.perf_counter() - t0 < 0.5
+
+
+@_FAST
+@given(text=st.text(max_size=60) | st.binary(max_size=60).map(lambda b: b.decode("latin-1")),
+       nest=st.integers(0, 3000))
+def test_fuzz_wire_metadata_string(text, nest):
+    """Any metadata string on the wire, deep nesting included: a bounded PackageError."""
+    h = hostile.Hostile(_STATE, "[" * nest + text + "]" * nest, "")
+    try:
+        wire.content_to_package(hostile.as_content(h))
+    except PackageError as e:
+        _one_bounded_line(str(e))
+
