@@ -33,6 +33,7 @@ from typing import Any, Iterable, Protocol
 
 from flwr.app import Message
 
+from free_dfml.common.limits import bounded_reason
 from free_dfml.common.package import PackageError
 from free_dfml.common.processes import pid_alive
 from free_dfml.common.wire import ack_message, content_to_package, describe_content, query_message
@@ -108,6 +109,8 @@ class FreeServer:
                 outcome = {"accepted": False, "reason": str(e)}
             except Exception as e:  # noqa: BLE001 - never let one reply take the server down
                 outcome = {"accepted": False, "reason": f"server could not store the model: {type(e).__name__}: {e}"}
+        if "reason" in outcome:               # a client's error text may be megabytes of anything
+            outcome["reason"] = bounded_reason(outcome["reason"])
         self.state.log_submission({"event": "accepted" if outcome["accepted"] else "rejected", **entry,
                                    **{k: v for k, v in outcome.items() if k != "accepted"}})
         if outcome["accepted"]:
