@@ -32,6 +32,11 @@ class CheckpointError(ValueError):
 def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     path = Path(path)
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    # a non-finite checkpoint would poison every resume and evaluation: refuse it, keep the last one
+    bad = sorted(k for k, v in clean.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        raise CheckpointError(f"refusing to write a non-finite checkpoint: {len(bad)} of {len(clean)} "
+                              f"tensors hold NaN/inf (first: {bad[0]})")
     doc = {"format": FORMAT, "version": VERSION, **meta}
     atomic_write_bytes(path, st_save(clean, metadata={META_KEY: json.dumps(doc)}))
     return path

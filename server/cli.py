@@ -3,12 +3,14 @@
     free-server start    [--state DIR] [--address HOST:PORT] [--tls-cert F --tls-key F --tls-ca F]
                          [--insecure] [--config FILE] [--device auto|cpu|cuda] [--preset P]
                          [--max-iterations N] [--checkpoint-every N] [--min-models N] [--detach]
+                         [--require-dp] [--max-epsilon E]
     free-server status   [--state DIR] [--json]
     free-server stop     [--state DIR] [--timeout S]
     free-server evaluate [--state DIR] --data glyphs|DIR|cifar-fs:PATH [--split auto|all|test|...] [--shot 1]
                          [--episodes N] [--baselines] [--seed S] [--split-seed S] [--threads N] [--json] [--out F]
     free-server export   [--state DIR] --out FILE
     free-server register-node [--state DIR] --key CLIENT.pub [--name NAME]   (with start --node-auth)
+    free-server quarantine list|release ID|delete ID [--state DIR]
 
 ``start`` runs in the foreground (``--detach``: in the background, returning once the server is
 up): it starts ``flower-superlink`` with its database in the state folder, submits the FREE
@@ -92,6 +94,10 @@ def settings_from(state: StateDir, config: dict[str, Any], **cli: Any):
         s = ServerSettings(state_dir=str(state.root), free_config=free, **kw)
     except TypeError as e:
         raise CliError(f"bad settings: {e}") from None
+    if not isinstance(s.require_dp, bool):
+        raise CliError(f"require-dp must be true or false, got {s.require_dp!r}")
+    if isinstance(s.max_epsilon, bool) or not isinstance(s.max_epsilon, (int, float)) or not s.max_epsilon >= 0:
+        raise CliError(f"max-epsilon must be a number >= 0 (0: no bound), got {s.max_epsilon!r}")
     # validate the FREE config early (the preset name and the overrides)
     try:
         from free_dfml.common.presets import free_config
@@ -120,6 +126,9 @@ def start(
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads for training"),
     node_auth: bool = typer.Option(False, "--node-auth",
                                    help="accept only SuperNodes whose public key was registered (register-node)"),
+    require_dp: bool = typer.Option(False, "--require-dp", help="refuse models without DP metadata"),
+    max_epsilon: Optional[float] = typer.Option(None, "--max-epsilon",
+                                                help="refuse models with DP epsilon above E (and non-DP ones)"),
     detach: bool = typer.Option(False, "--detach", help="run in the background; return once the server is up"),
     startup_timeout: float = typer.Option(60.0, "--startup-timeout", help="seconds to wait for the server to come up"),
 ) -> None:
@@ -150,7 +159,8 @@ def start(
     if threads is not None and threads < 0:
         raise CliError("--threads must be >= 0")
     settings = settings_from(state, cfg_doc, device=device, preset=preset, max_iterations=max_iterations,
-                             checkpoint_every=checkpoint_every, min_models=min_models, threads=threads)
+                             checkpoint_every=checkpoint_every, min_models=min_models, threads=threads,
+                             require_dp=require_dp or None, max_epsilon=max_epsilon)
     from free_dfml.server.supervisor import Supervisor, start_detached
     if detach:
         rec = start_detached(state, [a for a in sys.argv[1:] if a != "--detach"], startup_timeout)
@@ -186,13 +196,19 @@ def status(state_dir: Path = STATE_OPT,
     print(f"server     {'running (pid %d) on %s%s' % (pid, rec.get('address'), ' TLS' if rec.get('tls') else '') if pid else 'not running'}")
     if st:
         print(f"phase      {st.get('phase')}   uptime {st.get('uptime_s', 0):.0f} s   run {st.get('run_id')}")
-        print(f"models     {models.get('accepted', 0)} accepted, {models.get('rejected', 0)} rejected, "
+        cats = ", ".join(f"{k} {v}" for k, v in sorted((models.get("rejected_by_category") or {}).items()))
+        print(f"models     {models.get('accepted', 0)} accepted, {models.get('rejected', 0)} rejected"
+              f"{' (' + cats + ')' if cats else ''}, "
               f"{models.get('resubmissions', 0)} resubmitted, {models.get('in_zoo', 0)} in the zoo")
         for a in st.get("accepted", []):
             dp = f"  DP epsilon={a['dp_epsilon']:.3g}" if a.get("dp_epsilon") is not None else ""
             print(f"  + {a['id'][:16]}  {a.get('arch')}  {a.get('num_classes')} classes{dp}")
         for r in st.get("rejected", [])[-10:]:
-            print(f"  - rejected: {r.get('reason')}")
+            print(f"  - rejected{' (' + r['category'] + ')' if r.get('category') else ''}: {r.get('reason')}")
+        if st.get("quarantined"):
+            print(f"quarantine {len(st['quarantined'])} model(s), never trained on (free-server quarantine)")
+        for q in st.get("quarantined", []):
+            print(f"  ! {q['id'][:16]}  {q.get('reason')}  {json.dumps(q.get('scores') or {}, sort_keys=True)}")
         stalled = (st.get("link") or {}).get("stalled_s") or 0
         if stalled:
             print(f"link       the SuperLink has not answered for {stalled:.0f} s (training goes on)")
@@ -253,6 +269,54 @@ def register_node(state_dir: Path = STATE_OPT,
         msg = " ".join(msg.split())[:300] or "no output"
         raise CliError(f"registration failed: {msg}", 1)
     print(f"registered {key} as node {m.group(1)}")
+
+
+quarantine_app = typer.Typer(no_args_is_help=True, help="Models kept in the zoo but never trained on.")
+app.add_typer(quarantine_app, name="quarantine")
+
+
+def _quarantine(state_dir: Path):
+    from free_dfml.server.quarantine import Quarantine
+    return Quarantine.of_zoo(_existing_state(state_dir).zoo_dir)
+
+
+@quarantine_app.command("list")
+def quarantine_list(state_dir: Path = STATE_OPT,
+                    as_json: bool = typer.Option(False, "--json", help="print the entries as JSON")) -> None:
+    """Quarantined models with their reason and scores."""
+    rows = _quarantine(state_dir).entries()
+    if as_json:
+        print(json.dumps(rows, indent=2, sort_keys=True))
+    elif not rows:
+        print("no quarantined models")
+    for r in [] if as_json else rows:
+        print(f"{r['id']}  {r.get('source')}  {r.get('reason')}  {json.dumps(r.get('scores') or {}, sort_keys=True)}")
+
+
+@quarantine_app.command("release")
+def quarantine_release(model_id: str = typer.Argument(..., help="model id (or a unique prefix)"),
+                       state_dir: Path = STATE_OPT) -> None:
+    """Use a quarantined model for training again (a running server: from its next iteration)."""
+    from free_dfml.server.quarantine import QuarantineError
+    try:
+        mid = _quarantine(state_dir).release(model_id)
+    except QuarantineError as e:
+        raise CliError(str(e), 1) from None
+    print(f"released {mid}: training uses it from its next iteration")
+
+
+@quarantine_app.command("delete")
+def quarantine_delete(model_id: str = typer.Argument(..., help="model id (or a unique prefix)"),
+                      state_dir: Path = STATE_OPT) -> None:
+    """Delete a quarantined model's package from the zoo (it is refused if sent again)."""
+    from free_dfml.server.quarantine import QuarantineError
+    from free_dfml.server.zoo import Zoo
+    q = _quarantine(state_dir)
+    try:
+        mid = q.delete(model_id, Zoo(StateDir(state_dir).zoo_dir))
+    except QuarantineError as e:
+        raise CliError(str(e), 1) from None
+    print(f"deleted {mid} from the zoo")
 
 
 def _existing_state(state_dir: Path) -> StateDir:

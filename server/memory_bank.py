@@ -130,6 +130,14 @@ class MemoryBank:
             ring.add(enc[labels == c])
         self._evict()
 
+    def drop_model(self, model_id: str) -> int:
+        """Forget every key a model filled (a quarantined teacher's images); returns how many."""
+        keys = [k for k, m in self._model_of.items() if m == model_id]
+        for k in keys:
+            self._rings.pop(k, None)
+            del self._model_of[k]
+        return len(keys)
+
     # -------------------------------------------------------------------------------- reading
     def keys(self) -> list[str]:
         return list(self._rings)

@@ -37,6 +37,7 @@ from free_dfml.common.limits import bounded_reason
 from free_dfml.common.package import PackageError
 from free_dfml.common.processes import pid_alive
 from free_dfml.common.wire import ack_message, content_to_package, describe_content, query_message
+from free_dfml.server.policy import admission_refusal
 from free_dfml.server.settings import ServerSettings
 from free_dfml.server.state import StateDir, build_status, read_json
 from free_dfml.server.training_runner import TrainerRunner
@@ -100,11 +101,15 @@ class FreeServer:
             entry["wire"] = describe_content(reply.content)
             try:
                 pkg = content_to_package(reply.content, max_bytes=self.settings.max_payload_bytes)
-                model_id, new = self.zoo.add(pkg)
-                outcome = {"accepted": True, "model_id": model_id, "new": new}
                 dp = pkg.meta.dp or {}
                 entry.update(arch=pkg.meta.arch, num_classes=pkg.meta.num_classes,
                              dp_epsilon=dp.get("epsilon"), dp_delta=dp.get("delta"))
+                refusal = admission_refusal(pkg, self.settings, self.zoo)    # the operator's policy
+                if refusal:
+                    outcome = {"accepted": False, "category": refusal[0], "reason": refusal[1]}
+                else:
+                    model_id, new = self.zoo.add(pkg)
+                    outcome = {"accepted": True, "model_id": model_id, "new": new}
             except PackageError as e:
                 outcome = {"accepted": False, "reason": str(e)}
             except Exception as e:  # noqa: BLE001 - never let one reply take the server down

@@ -35,6 +35,8 @@ class ServerSettings:
     eval_split: str = "val"
     eval_episodes: int = 50
     threads: int = 0                    # torch threads for training (0: leave as is)
+    require_dp: bool = False            # refuse models without DP metadata (server/policy.py)
+    max_epsilon: float = 0.0            # refuse models with DP epsilon above this (0: no bound)
 
     @classmethod
     def from_run_config(cls, rc: dict[str, Any]) -> "ServerSettings":

@@ -3,6 +3,7 @@
 Layout (``STATE`` is ``--state DIR``)::
 
     STATE/zoo/                 accepted model packages (server/zoo.py: models/<id>.safetensors + index.jsonl)
+                               and quarantine.json (server/quarantine.py: kept, never trained on)
     STATE/checkpoints/         the FREE trainer's checkpoints (server/trainer.py)
     STATE/superlink.db         the Flower SuperLink database
     STATE/flwr-home/           FLWR_HOME for this server (config.toml, installed app copies)
@@ -31,6 +32,7 @@ from typing import Any, Iterator
 
 from free_dfml.common.files import atomic_write_bytes
 from free_dfml.common.processes import pid_alive
+from free_dfml.server.quarantine import Quarantine
 
 STATUS_REJECTED_KEEP = 50      # rejected submissions listed in status.json (all are in submissions.jsonl)
 
@@ -179,8 +181,13 @@ def build_status(state: StateDir, *, phase: str, started_at: float, run_id: int 
     accepted = [{"id": e["model_id"], "arch": e.get("arch"), "num_classes": e.get("num_classes"),
                  "dp_epsilon": e.get("dp_epsilon"), "dp_delta": e.get("dp_delta"), "time": e.get("time")}
                 for e in subs["accepted"]]
-    rejected = [{"reason": e.get("reason"), "node": e.get("node"), "time": e.get("time")}
-                for e in subs["rejected"][-STATUS_REJECTED_KEEP:]]
+    rejected = [{"reason": e.get("reason"), "category": e.get("category"), "node": e.get("node"),
+                 "time": e.get("time")} for e in subs["rejected"][-STATUS_REJECTED_KEEP:]]
+    by_category: dict[str, int] = {}
+    for e in subs["rejected"]:
+        c = e.get("category") or "invalid"
+        by_category[c] = by_category.get(c, 0) + 1
+    quarantined = Quarantine.of_zoo(state.zoo_dir).entries()
     now = time.time()
     doc = {
         "phase": phase,
@@ -190,9 +197,11 @@ def build_status(state: StateDir, *, phase: str, started_at: float, run_id: int 
         "updated_at": round(now, 3),
         "uptime_s": round(now - started_at, 1),
         "models": {"accepted": len(accepted), "rejected": len(subs["rejected"]),
-                   "resubmissions": subs["resubmissions"], "in_zoo": zoo_size, "pending_queries": pending},
+                   "resubmissions": subs["resubmissions"], "in_zoo": zoo_size, "pending_queries": pending,
+                   "quarantined": len(quarantined), "rejected_by_category": by_category},
         "accepted": accepted,
         "rejected": rejected,
+        "quarantined": quarantined,
         "dp_epsilons": [a["dp_epsilon"] for a in accepted if a["dp_epsilon"] is not None],
         "training": training or {},
         "last_evaluation": last_evaluation,

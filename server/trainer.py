@@ -69,6 +69,7 @@ class FreeTrainer:
         self.eval_data, self.eval_episodes = eval_data, eval_episodes
         self.iteration = 0
         self.history: list[dict] = []
+        self.last_inversions: list[tuple[str, float, torch.Tensor]] = []
         # every random stream is a generator we own (saved in checkpoints)
         self.rng = torch.Generator().manual_seed(cfg.schedule.seed)             # teachers, subsets, episodes
         self.gen_rng = torch.Generator().manual_seed(cfg.schedule.seed + 1)     # generator init + latents
@@ -77,7 +78,7 @@ class FreeTrainer:
         if lrn.norm_mean is not None and lrn.norm_std is not None:
             self.norm = (tuple(lrn.norm_mean), tuple(lrn.norm_std))
         else:
-            self.norm = zoo_normalisation([zoo.meta(m) for m in sorted(zoo.ids())], lrn.channels) or \
+            self.norm = zoo_normalisation([zoo.meta(m) for m in sorted(zoo.usable_ids())], lrn.channels) or \
                 ((0.5,) * lrn.channels, (0.25,) * lrn.channels)
         self._build(init_rng)
 
@@ -118,7 +119,7 @@ class FreeTrainer:
 
     # -------------------------------------------------------------------------------- training
     def step(self) -> dict:
-        ids = sorted(self.zoo.ids())        # not arrival order: see the module docstring
+        ids = sorted(self.zoo.usable_ids())   # not arrival order (module docstring); no quarantined model
         if not ids:
             raise RuntimeError("the zoo is empty: FREE needs at least one model before it can train")
         cfg = self.cfg
@@ -142,6 +143,8 @@ class FreeTrainer:
                 lambda_adv=lam_adv, student=student, subset=s, lambda_bn=g.lambda_bn,
                 jitter=g.jitter)
                 for t, s in zip(teachers, subsets)]
+        # per teacher, for the runner's non-finite check (server/step_guard.py): id, CE, images
+        self.last_inversions = [(t.model_id, r.final_ce, r.images) for t, r in zip(teachers, results)]
         for t, r in zip(teachers, results):     # EVERY teacher's images go to the bank
             self.bank.add(t.model_id, r.images, r.labels, self._class_keys(t.model_id))
         t_inv = time.perf_counter() - t0

@@ -12,6 +12,7 @@ from typing import Any
 from free_dfml.common.files import atomic_write_bytes
 from free_dfml.server.settings import ServerSettings, free_config_for
 from free_dfml.server.state import StateDir, read_json
+from free_dfml.server.step_guard import StepGuard
 from free_dfml.server.zoo import Zoo
 
 LOG = logging.getLogger("free_dfml.server")
@@ -34,6 +35,7 @@ class TrainerRunner:
         self.last_checkpoint: dict[str, Any] | None = None
         self.last_evaluation: dict[str, Any] | None = None
         self.done = False
+        self.guard: StepGuard | None = None     # non-finite steps: quarantine the teacher, restore
         self._lock = threading.Lock()
         self._metrics_path = state.logs_dir / "metrics.jsonl"
 
@@ -52,7 +54,7 @@ class TrainerRunner:
         """Start once the zoo holds ``min-models`` models (``force``: as soon as it holds one)."""
         s = self.settings
         need = 1 if force else max(1, s.min_models)
-        if not s.train or self.thread is not None or self.error or len(self.zoo) < need:
+        if not s.train or self.thread is not None or self.error or len(self.zoo.usable_ids()) < need:
             return
         try:
             import torch
@@ -71,6 +73,7 @@ class TrainerRunner:
                                        sink=TrainingBoard(self.state.tensorboard_dir),
                                        eval_data=eval_data, eval_episodes=s.eval_episodes)
             self.resumed = self.trainer.resume()
+            self.guard = StepGuard(self.trainer, self.zoo.quarantine)
             LOG.info("FREE trainer ready (%s, iteration %d)", "resumed from checkpoint" if self.resumed
                      else "fresh", self.trainer.iteration)
         except Exception as e:  # noqa: BLE001 - keep serving; status shows the reason
@@ -86,7 +89,17 @@ class TrainerRunner:
             while not self.stop_event.is_set():
                 if s.max_iterations and t.iteration >= s.max_iterations:
                     break
+                if not self.zoo.usable_ids():      # every model quarantined: wait for a release
+                    self.stop_event.wait(1.0)
+                    continue
+                self.guard.before()
                 m = t.step()
+                bad = self.guard.problems(m)
+                if bad:
+                    ids = self.guard.recover(bad)
+                    LOG.warning("iteration %d went non-finite (%s): quarantined %s, state before it restored",
+                                t.iteration + 1, ", ".join(bad[:4]), ", ".join(i[:12] for i in ids))
+                    continue
                 with self._lock:
                     self.last_metrics = m
                     ev = {k: v for k, v in m.items() if k.startswith("eval_")}
@@ -128,5 +141,6 @@ class TrainerRunner:
             m = dict(self.last_metrics)
         return {"enabled": self.settings.train, "running": self.running(), "iteration": self.iteration,
                 "resumed": self.resumed, "error": self.error, "last_metrics": m,
+                "nonfinite_steps": list(self.guard.recovered[-10:]) if self.guard else [],
                 "last_checkpoint": self.last_checkpoint or read_json(self.state.checkpoint_dir / "checkpoint.json"),
                 "max_iterations": self.settings.max_iterations, "min_models": self.settings.min_models}

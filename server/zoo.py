@@ -4,6 +4,7 @@ Layout::
 
     root/models/<model_id>.safetensors   # the validated package, written atomically
     root/index.jsonl                      # one {"id", "arch", "num_classes", "time"} line per model, arrival order
+    root/quarantine.json                  # models kept but never trained on (server/quarantine.py)
 
 A package's id is :attr:`ModelPackage.model_id` (sha256 over its weights), so an identical
 re-submission is stored once. The file is made durable (temp file + fsync + rename) BEFORE the
@@ -28,6 +29,7 @@ from torch import nn
 from free_dfml.common.files import atomic_write_bytes
 from free_dfml.common.package import (ModelMeta, ModelPackage, PackageError, _header_meta, load_package,
                                       package_from_tensors, parse_meta)
+from free_dfml.server.quarantine import Quarantine
 
 SUFFIX = ".safetensors"
 
@@ -48,6 +50,7 @@ class Zoo:
         self._known: set[str] = set()
         self._metas: dict[str, ModelMeta] = {}
         self._cache: OrderedDict[tuple[str, str], nn.Module] = OrderedDict()
+        self.quarantine = Quarantine.of_zoo(self.root)
         self._reconcile()
 
     # ------------------------------------------------------------------------------ internals
@@ -123,6 +126,37 @@ class Zoo:
     def ids(self) -> list[str]:
         with self._lock:
             return list(self._ids)
+
+    def usable_ids(self) -> list[str]:
+        """The ids training may use: every model but the quarantined (and deleted) ones, read from
+        the quarantine file now (an operator's release or delete counts at once)."""
+        skip = self.quarantine.ids()
+        with self._lock:
+            return [m for m in self._ids if m not in skip]
+
+    def remove(self, model_id: str) -> None:
+        """Delete a model's package and its index line (the operator's ``quarantine delete``)."""
+        path = self._path(model_id)
+        with self._lock:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            self._ids = [m for m in self._ids if m != model_id]
+            self._known.discard(model_id)
+            self._metas.pop(model_id, None)
+            for key in [k for k in self._cache if k[0] == model_id]:
+                del self._cache[key]
+            lines = []
+            if self.index_path.exists():
+                for line in self.index_path.read_text(encoding="utf-8", errors="replace").splitlines():
+                    try:
+                        if json.loads(line).get("id") == model_id:
+                            continue
+                    except (json.JSONDecodeError, AttributeError):
+                        continue
+                    lines.append(line + "\n")
+            atomic_write_bytes(self.index_path, "".join(lines).encode())
 
     def __len__(self) -> int:
         return len(self._ids)
