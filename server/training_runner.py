@@ -90,6 +90,8 @@ class TrainerRunner:
                 if s.max_iterations and t.iteration >= s.max_iterations:
                     break
                 if not self.zoo.usable_ids():      # every model quarantined: wait for a release
+                    if s.finish_when_done:         # (a simulation has no operator to release one)
+                        break
                     self.stop_event.wait(1.0)
                     continue
                 self.guard.before()
