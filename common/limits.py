@@ -8,6 +8,11 @@ classes, at any side (global pooling); Conv4-64 at 84 px stores 1.7 M.
 
 # --- sizes
 MAX_PARAMETERS = 16_000_000             # stored values (weights + BatchNorm statistics) in a package
+# one image's forward pass through a teacher, in multiply-accumulates: the trainer runs every sampled
+# teacher on each generated batch, so this bounds what one client can make a trainer step cost.
+# 4 G admits every shipped architecture at width 64 up to 84 px (ResNet-18: 0.56 G at 32 px, 3.9 G
+# at 84; Conv4-64 at 84 px: 0.1 G) and refuses e.g. ResNet-18-64 at 128 px (8.9 G).
+MAX_FORWARD_MACS = 4_000_000_000
 # 16 M float32 values are 64 MB: a package can never need more than 64 MiB (plus its metadata)
 MAX_PACKAGE_BYTES = 64 * 1024 * 1024    # default cap on a package (file or wire payload)
 MAX_HEADER_BYTES = 1024 * 1024          # the safetensors header / wire metadata document
@@ -19,7 +24,7 @@ MAX_ARRAYS = 4096                       # tensors in one wire reply
 MIN_SIDE, MAX_SIDE = 8, 128
 
 # --- metadata
-MAX_JSON_DEPTH = 16          # nesting of the metadata document (the schema itself needs 3 levels)
+MAX_JSON_DEPTH = 16          # nesting of the metadata document (the schema itself needs at most 5)
 MAX_TRAINING_BYTES = 16 * 1024  # the free-form `training` summary, serialised as compact JSON
 MAX_TRAINING_DEPTH = 4       # nesting inside `training` (an object of numbers/strings/short lists)
 MAX_LABEL_BYTES = 200        # one class label, UTF-8

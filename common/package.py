@@ -27,11 +27,12 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from free_dfml.common.files import atomic_write_bytes
-from free_dfml.common.limits import (MAX_ABS_MEAN, MAX_ABS_WEIGHT, MAX_HEADER_BYTES, MAX_JSON_DEPTH,
-                                     MAX_PACKAGE_BYTES, MAX_PARAMETERS, MAX_SIDE, MAX_STD, MIN_SIDE,
-                                     MIN_STD, PROBE_SEED, bounded_reason)
+from free_dfml.common.limits import (MAX_ABS_MEAN, MAX_ABS_WEIGHT, MAX_FORWARD_MACS, MAX_HEADER_BYTES,
+                                     MAX_JSON_DEPTH, MAX_PACKAGE_BYTES, MAX_PARAMETERS, MAX_SIDE, MAX_STD,
+                                     MIN_SIDE, MIN_STD, PROBE_SEED, bounded_reason)
 from free_dfml.common.metadata import check_dp, check_labels, check_training, json_depth
-from free_dfml.common.models import ArchitectureError, Normalized, build_model, check_arch_kwargs
+from free_dfml.common.models import (ArchitectureError, Normalized, build_model, check_arch_kwargs,
+                                     forward_macs)
 
 FORMAT = "free-dfml/model-package"
 FORMAT_VERSION = 1
@@ -252,10 +253,16 @@ def parse_meta(doc: Mapping[str, Any]) -> ModelMeta:
     meta = ModelMeta(arch=arch, num_classes=num_classes, input_shape=(c, h, w), mean=mean, std=std,
                      arch_kwargs=arch_kwargs, class_labels=labels, training=dict(training),
                      dp=dp, format_version=FORMAT_VERSION)
-    values = sum(math.prod(s) for s in expected_shapes(meta).values())
+    with torch.device("meta"):
+        net = _skeleton(meta)
+    what = f"{arch} {arch_kwargs} with {num_classes} classes at {h} px"
+    values = sum(v.numel() for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked"))
     if values > MAX_PARAMETERS:
-        raise PackageError(f"{arch} {arch_kwargs} with {num_classes} classes at {h} px stores {values} "
-                           f"values, over the limit of {MAX_PARAMETERS}")
+        raise PackageError(f"{what} stores {values} values, over the limit of {MAX_PARAMETERS}")
+    macs = forward_macs(net, meta.input_shape)
+    if macs > MAX_FORWARD_MACS:
+        raise PackageError(f"{what} costs {macs / 1e9:.2f} G multiply-accumulates an image, over the "
+                           f"limit of {MAX_FORWARD_MACS / 1e9:g} G")
     return meta
 
 
@@ -282,9 +289,9 @@ def package_from_tensors(state: Mapping[str, torch.Tensor], meta_doc: Mapping[st
                                "expected float32")
         if tuple(t.shape) != expected[k]:
             raise PackageError(f"tensor {k!r} has shape {list(t.shape)}, expected {list(expected[k])}")
-        if not torch.isfinite(t).all():
+        peak = float(t.abs().amax()) if t.numel() else 0.0     # NaN or inf if any value is
+        if not math.isfinite(peak):
             raise PackageError(f"tensor {k!r} holds non-finite values (NaN or Inf)")
-        peak = float(t.abs().max()) if t.numel() else 0.0
         if peak > MAX_ABS_WEIGHT:
             raise PackageError(f"tensor {k!r} holds a value of magnitude {peak:.3g}, over the "
                                f"limit of {MAX_ABS_WEIGHT:g}")

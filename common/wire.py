@@ -207,13 +207,21 @@ def content_to_package(content: RecordDict, *, max_bytes: int = MAX_PACKAGE_BYTE
     return pkg
 
 
+def _names(keys: Any, most: int = 8) -> list[str]:
+    """Record or field names as logged: a hostile reply's names are client text, so at most
+    ``most`` of them, each one bounded printable line of at most 64 bytes."""
+    names = sorted(keys)
+    out = [bounded_reason(k, 64) for k in names[:most]]
+    return out + ([f"... {len(names) - most} more"] if len(names) > most else [])
+
+
 def describe_content(content: RecordDict) -> dict[str, Any]:
     """What a reply held (record names and metadata fields): logged with every submission."""
-    d: dict[str, Any] = {"array_records": sorted(content.array_records.keys()),
-                         "config_records": sorted(content.config_records.keys()),
-                         "metric_records": sorted(content.metric_records.keys())}
+    d: dict[str, Any] = {"array_records": _names(content.array_records.keys()),
+                         "config_records": _names(content.config_records.keys()),
+                         "metric_records": _names(content.metric_records.keys())}
     if META_KEY in content.config_records:
-        d["meta_fields"] = sorted(content.config_records[META_KEY].keys())
+        d["meta_fields"] = _names(content.config_records[META_KEY].keys())
     if MODEL_KEY in content.array_records:
         d["arrays"] = len(content.array_records[MODEL_KEY])
     return d

@@ -99,6 +99,14 @@ def oversized_resnet() -> Hostile:
     return Hostile(state, doc, r"resnet18 .* values, over the limit of 16000000")
 
 
+def costly_forward() -> Hostile:
+    """Conv4 at width 512 and 128 px: 7.6 M values (under the parameter cap) but 12.9 G
+    multiply-accumulates an image; refused from its metadata, before any tensor is read."""
+    state, doc = valid()
+    doc.update(arch_kwargs={"width": 512, "norm": "bn"}, input_shape=[3, 128, 128])
+    return Hostile(state, doc, r"costs 12\.91 G multiply-accumulates an image, over the limit of 4 G")
+
+
 def control_labels() -> Hostile:
     return _with(r"class_labels\[1\] holds a non-printable character",
                  class_labels=["ok", "\x1b[31mred\x1b[0m", "nul\x00", "bell\x07", "line\nbreak"])
@@ -152,9 +160,8 @@ def moderately_deep_json() -> Hostile:
 
 PACKAGE_CASES: dict[str, Callable[[], Hostile]] = {f.__name__: f for f in (
     tiny_std, huge_mean, overflowing_weights, overflowing_output, negative_epsilon, delta_out_of_range,
-    large_input, oversized_resnet, control_labels, bidi_label, big_training, many_training_entries,
-    deep_training, unknown_keys, no_format, deep_json, moderately_deep_json)}
-
+    large_input, oversized_resnet, costly_forward, control_labels, bidi_label, big_training,
+    many_training_entries, deep_training, unknown_keys, no_format, deep_json, moderately_deep_json)}
 
 def huge_reason(n: int = 10_000_000) -> str:
     """A client's error reason of ``n`` characters: ANSI escapes, NUL, newlines and text."""

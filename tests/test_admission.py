@@ -20,6 +20,7 @@ import hostile
 from test_service import FakeGrid, make_server, task_identity  # noqa: F401 (autouse: Message ids)
 from free_dfml.common import limits, wire
 from free_dfml.common.limits import MAX_REASON_BYTES, bounded_reason
+from free_dfml.common.models import build_model, forward_macs
 from free_dfml.common.package import (META_KEY, PackageError, package_from_bytes, package_from_tensors,
                                       parse_json, parse_meta)
 
@@ -46,15 +47,22 @@ def test_hostile_package_rejected_through_the_wire(case):
 
 
 def test_honest_packages_pass_every_check():
-    """Our own architectures at the sizes the toolkit uses pass, ResNet-18 at width 64 included
-    (11.7 M values with 1000 classes, under the 16 M cap); a DP (GroupNorm) model too."""
-    for arch, width, side, classes in (("conv4", 64, 84, 5), ("resnet18", 64, 32, 1000),
-                                       ("resnet10", 32, 128, 5)):
+    """Our own architectures at the sizes the toolkit uses pass: ResNet-18 at width 64 stores
+    11.7 M values with 1000 classes (under the 16 M cap) and costs 3.9 G multiply-accumulates an
+    image at 84 px (under the 4 G cap); a DP (GroupNorm) model passes too."""
+    for arch, width, side, classes in (("conv4", 64, 84, 5), ("resnet18", 64, 32, 1000)):
         state, doc = hostile.valid(arch=arch, width=width, side=side, classes=classes)
         pkg = package_from_tensors(state, doc)
-        assert sum(t.numel() for t in pkg.state.values()) <= limits.MAX_PARAMETERS
         assert wire.content_to_package(hostile.as_content(hostile.Hostile(state, doc, ""))).model_id \
             == pkg.model_id
+    _, doc = hostile.valid()
+    for arch, width, side, classes in (("resnet18", 64, 84, 1000), ("resnet10", 32, 128, 5)):
+        meta = parse_meta({**doc, "arch": arch, "arch_kwargs": {"width": width, "norm": "bn"},
+                           "input_shape": [3, side, side], "num_classes": classes, "class_labels": None})
+        with torch.device("meta"):
+            net = build_model(arch, num_classes=classes, image_size=side, width=width)
+        assert sum(p.numel() for p in net.parameters()) <= limits.MAX_PARAMETERS
+        assert forward_macs(net, meta.input_shape) <= limits.MAX_FORWARD_MACS
     state, doc = hostile.valid(norm="gn")
     doc["dp"] = {"epsilon": 2.0, "delta": 1e-5, "noise_multiplier": 1.1, "max_grad_norm": 1.0}
     assert package_from_tensors(state, doc).meta.is_dp
@@ -182,3 +190,16 @@ def test_fuzz_wire_metadata_string(text, nest):
     except PackageError as e:
         _one_bounded_line(str(e))
 
+
+
+def test_hostile_record_and_field_names_bounded_in_the_log_and_the_reason():
+    state, doc = hostile.valid()
+    content = hostile.as_content(hostile.Hostile(state, doc, ""))
+    for i in range(50):
+        content.config_records[wire.META_KEY][f"\x1b[31m{i}" + "k" * 100_000] = "x"
+    with pytest.raises(PackageError, match="unexpected metadata field") as err:
+        wire.content_to_package(content)
+    _one_bounded_line(str(err.value))
+    fields = wire.describe_content(content)["meta_fields"]
+    assert len(fields) == 9 and fields[-1].startswith("... ")
+    assert all(f.isprintable() and len(f.encode()) <= 64 for f in fields)
