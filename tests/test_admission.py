@@ -6,6 +6,7 @@ Hypothesis fuzzes the parser and the metadata schema (only ``PackageError`` ever
 from __future__ import annotations
 
 import json
+import re
 import math
 import time
 
@@ -213,3 +214,35 @@ def test_hostile_record_and_field_names_bounded_in_the_log_and_the_reason():
     fields = wire.describe_content(content)["meta_fields"]
     assert len(fields) == 9 and fields[-1].startswith("... ")
     assert all(f.isprintable() and len(f.encode()) <= 64 for f in fields)
+
+
+def test_hostile_packages_rejected_by_the_service(tmp_path):
+    """Every hostile case sent by its own node to the ingest service over the fake grid: all
+    rejected, each logged, acknowledged and shown in status with its bounded reason, and one
+    honest node served in the same poll."""
+    cases = sorted(hostile.PACKAGE_CASES)
+    grid = FakeGrid()
+
+    def node(content):
+        def handle(msg: Message) -> Message | None:
+            if msg.metadata.message_type == wire.QUERY:
+                return Message(content, reply_to=msg)
+            return None                                    # acknowledgements: nothing to reply
+        return handle
+    for i, case in enumerate(cases, start=1):
+        grid.nodes[i] = node(hostile.as_content(hostile.PACKAGE_CASES[case]()))
+    state, doc = hostile.valid()
+    grid.nodes[100] = node(hostile.as_content(hostile.Hostile(state, doc, "")))
+    srv = make_server(tmp_path, grid)
+    srv.poll_once()
+    srv.poll_once()
+    log = {s["node"]: s for s in srv.state.submissions()}
+    for i, case in enumerate(cases, start=1):
+        assert log[i]["event"] == "rejected", case
+        _one_bounded_line(log[i]["reason"])
+        assert re.search(hostile.PACKAGE_CASES[case]().match, log[i]["reason"]), (case, log[i]["reason"])
+    assert log[100]["event"] == "accepted" and len(srv.zoo) == 1
+    acks = [m for m in grid.sent if m.metadata.message_type != wire.QUERY]
+    assert len(acks) == len(cases) + 1
+    for m in acks:
+        _one_bounded_line(wire.ack_document(m)["reason"])
