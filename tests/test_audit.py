@@ -236,3 +236,16 @@ def test_submit_prints_the_audit_or_refuses_a_foreign_one(noisy, models, tmp_pat
     rc = run_cli(app, "free-client", ["submit", "--model", str(other), "--server", "127.0.0.1:9", "--no-verify",
                                       "--audit", str(tmp_path / "audit")])
     assert rc == 2 and "--no-verify" in capsys.readouterr().err
+
+
+def test_dp_recipe_study_trains_with_calibrated_noise(noisy):
+    """experiments/dp_recipes.py's written-out DP-SGD: the noise multiplier is the accountant's for
+    the target epsilon, and a run returns a working classifier."""
+    from experiments.dp_recipes import BASE, train
+    data = noisy.subset("train", [0, 1, 2])
+    x, y = data.images.float() / 255, data.labels
+    r = {**BASE, "dp_epsilon": 8.0, "width": 4, "batch_size": 16, "epochs": 2, "optimizer": "sgd", "lr": 0.5}
+    model = train(r, x, y, 3, noisy.mean, noisy.std)
+    loose = train({**r, "dp_epsilon": 50.0}, x, y, 3, noisy.mean, noisy.std)
+    assert model.steps == int(2 / (16 / len(y))) and model.sigma > loose.sigma > 0
+    assert model(x[:4]).shape == (4, 3)
