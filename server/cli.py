@@ -30,12 +30,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
 from free_dfml.common.cli import CliError, is_loopback, parse_address, run_cli
 from free_dfml.common.processes import pid_alive, venv_env, venv_exe
+from free_dfml.server.settings import load_config_file, settings_from
 from free_dfml.server.state import StateDir, atomic_write_json, read_json
 
 DEFAULT_STATE = "free-server-state"
@@ -46,65 +47,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Run a federated FREE server: collect client models into a zoo and meta-learn from it.")
 
 STATE_OPT = typer.Option(DEFAULT_STATE, "--state", help="state folder (zoo, checkpoints, SuperLink database, logs)")
-
-
-# ------------------------------------------------------------------------------ helpers
-
-def load_config_file(path: Path) -> dict[str, Any]:
-    """A TOML or JSON file: server settings (dashes or underscores) + a [free] table of FreeConfig overrides."""
-    if not path.is_file():
-        raise CliError(f"no such config file: {path}")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    try:
-        if path.suffix == ".json":
-            doc = json.loads(text)
-        else:
-            try:
-                import tomllib
-            except ModuleNotFoundError:   # Python 3.10
-                import tomli as tomllib
-            doc = tomllib.loads(text)
-    except Exception as e:  # noqa: BLE001
-        raise CliError(f"config file {path} cannot be parsed: {str(e).splitlines()[0]}") from None
-    if not isinstance(doc, dict):
-        raise CliError(f"config file {path} must hold a table/object")
-    return doc
-
-
-def settings_from(state: StateDir, config: dict[str, Any], **cli: Any):
-    from dataclasses import fields
-
-    from free_dfml.server.settings import ServerSettings
-    names = {f.name for f in fields(ServerSettings)}
-    kw: dict[str, Any] = {}
-    free = dict(config.get("free") or {})
-    for k, v in config.items():
-        if k == "free":
-            continue
-        key = k.replace("-", "_")
-        if key not in names or key in ("state_dir", "supervisor_pid"):
-            raise CliError(f"unknown setting {k!r} in the config file")
-        kw[key] = v
-    if "free_config" in kw:
-        free = {**dict(kw.pop("free_config")), **free}
-    for k, v in cli.items():
-        if v is not None:
-            kw[k] = v
-    try:
-        s = ServerSettings(state_dir=str(state.root), free_config=free, **kw)
-    except TypeError as e:
-        raise CliError(f"bad settings: {e}") from None
-    if not isinstance(s.require_dp, bool):
-        raise CliError(f"require-dp must be true or false, got {s.require_dp!r}")
-    if isinstance(s.max_epsilon, bool) or not isinstance(s.max_epsilon, (int, float)) or not s.max_epsilon >= 0:
-        raise CliError(f"max-epsilon must be a number >= 0 (0: no bound), got {s.max_epsilon!r}")
-    # validate the FREE config early (the preset name and the overrides)
-    try:
-        from free_dfml.common.presets import free_config
-        free_config(s.preset, **s.free_config)
-    except (TypeError, ValueError, KeyError) as e:
-        raise CliError(f"bad FREE config: {e}") from None
-    return s
 
 
 # ------------------------------------------------------------------------------- commands

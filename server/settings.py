@@ -1,16 +1,20 @@
 """The FREE server's settings: one dataclass, carried as the Flower run config in deployment
 (``free-server start`` writes it into the app's pyproject; keys with dashes) and passed in directly
-in simulation."""
+in simulation (``free-sim`` writes the same run config). ``settings_from`` reads ``free-server start``'s
+config file and command line into it."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from free_dfml.common.cli import CliError
 from free_dfml.common.limits import MAX_PACKAGE_BYTES
 
 if TYPE_CHECKING:
+    from free_dfml.server.state import StateDir
     from free_dfml.server.zoo import Zoo
 
 
@@ -78,3 +82,61 @@ def free_config_for(settings: ServerSettings, zoo: "Zoo"):
         learner.setdefault("image_size", h)
         learner.setdefault("channels", c)
     return free_config(settings.preset, **over)
+
+
+# ------------------------------------------------------------------ config file + command line
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """A TOML or JSON file: server settings (dashes or underscores) + a [free] table of FreeConfig overrides."""
+    if not path.is_file():
+        raise CliError(f"no such config file: {path}")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        if path.suffix == ".json":
+            doc = json.loads(text)
+        else:
+            try:
+                import tomllib
+            except ModuleNotFoundError:   # Python 3.10
+                import tomli as tomllib
+            doc = tomllib.loads(text)
+    except Exception as e:  # noqa: BLE001
+        raise CliError(f"config file {path} cannot be parsed: {str(e).splitlines()[0]}") from None
+    if not isinstance(doc, dict):
+        raise CliError(f"config file {path} must hold a table/object")
+    return doc
+
+
+def settings_from(state: "StateDir", config: dict[str, Any], **cli: Any) -> ServerSettings:
+    """``free-server start``'s settings: the config file's (``load_config_file``), then the command
+    line's (``cli``, None: not given); a one-line ``CliError`` for an unknown key or a bad value."""
+    names = {f.name for f in fields(ServerSettings)}
+    kw: dict[str, Any] = {}
+    free = dict(config.get("free") or {})
+    for k, v in config.items():
+        if k == "free":
+            continue
+        key = k.replace("-", "_")
+        if key not in names or key in ("state_dir", "supervisor_pid"):
+            raise CliError(f"unknown setting {k!r} in the config file")
+        kw[key] = v
+    if "free_config" in kw:
+        free = {**dict(kw.pop("free_config")), **free}
+    for k, v in cli.items():
+        if v is not None:
+            kw[k] = v
+    try:
+        s = ServerSettings(state_dir=str(state.root), free_config=free, **kw)
+    except TypeError as e:
+        raise CliError(f"bad settings: {e}") from None
+    if not isinstance(s.require_dp, bool):
+        raise CliError(f"require-dp must be true or false, got {s.require_dp!r}")
+    if isinstance(s.max_epsilon, bool) or not isinstance(s.max_epsilon, (int, float)) or not s.max_epsilon >= 0:
+        raise CliError(f"max-epsilon must be a number >= 0 (0: no bound), got {s.max_epsilon!r}")
+    # validate the FREE config early (the preset name and the overrides)
+    try:
+        from free_dfml.common.presets import free_config
+        free_config(s.preset, **s.free_config)
+    except (TypeError, ValueError, KeyError) as e:
+        raise CliError(f"bad FREE config: {e}") from None
+    return s

@@ -214,7 +214,7 @@ def test_deleted_model_refused_when_sent_again(tmp_path, dp_files):
 
 def test_dp_policy_settings_from_the_config_file_and_flags(tmp_path):
     from free_dfml.common.cli import CliError
-    from free_dfml.server.cli import settings_from
+    from free_dfml.server.settings import settings_from
     state = StateDir(tmp_path / "s")
     s = settings_from(state, {"require-dp": True, "max-epsilon": 4})
     assert s.require_dp is True and s.max_epsilon == 4
