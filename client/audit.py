@@ -91,6 +91,19 @@ def split_private(pkg: ModelPackage, data: SplitData, holdout: float, seed: int
     return x[tr], data.labels[tr], x[ho], data.labels[ho]
 
 
+def check_accuracies(pkg: ModelPackage, train_acc: float, holdout_acc: float, tol: float = 0.02) -> None:
+    """The same counts can come from other images (another rendering seed, another split seed): the
+    accuracies the package recorded at training must be reproduced on this split."""
+    t = pkg.meta.training or {}
+    want = (t.get("train_accuracy"), t.get("holdout_accuracy"))
+    if None in want or not all(isinstance(v, (int, float)) for v in want):
+        return
+    if abs(want[0] - train_acc) > tol or abs(want[1] - holdout_acc) > tol:
+        raise AuditError(f"on this split the model is {train_acc:.2f} / {holdout_acc:.2f} accurate (training / "
+                         f"held-out) but it recorded {want[0]:.2f} / {want[1]:.2f}: not the images it was "
+                         f"trained on (check --data, --seed, --images-per-class, --holdout)")
+
+
 # -------------------------------------------------------------------------------- membership
 
 def roc_auc(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -355,6 +368,7 @@ def run_audit(pkg: ModelPackage, data: SplitData, *, holdout: float, seed: int, 
     if progress:
         progress("membership inference", 0, 1)
     mem = membership(model, x_tr, y_tr, x_ho, y_ho, bootstrap=cfg.bootstrap, seed=cfg.seed)
+    check_accuracies(pkg, mem["train_accuracy"], mem["holdout_accuracy"])
     if progress:
         progress("membership inference", 1, 1)
     recovered = invert_model(pkg, cfg, progress)
