@@ -29,7 +29,8 @@ from typing import Any, Callable
 
 import torch
 
-from free_dfml.common.datasets import ALL, SPLITS, DataError, FewShotDataset, FolderDataset, SplitData, open_dataset
+from free_dfml.common.datasets import ALL, SPLITS, DataError, FewShotDataset, SplitData, open_dataset
+from free_dfml.common.folder_data import FolderDataset
 from free_dfml.common.evaluation import QUERY, paired
 
 AUTO = "auto"

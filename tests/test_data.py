@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from free_dfml.common import glyphs
-from free_dfml.common.datasets import (CIFAR_FS_SPLIT, DataError, FewShotDataset, SplitData, open_dataset,
+from free_dfml.common.cifar_fs import CIFAR_FS_SPLIT
+from free_dfml.common.datasets import (DataError, FewShotDataset, SplitData, open_dataset,
                                        to_float)
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "data.md"
