@@ -24,6 +24,7 @@ from free_dfml.client.train import TrainConfig, train_client
 from free_dfml.common.datasets import SplitData, open_dataset, to_float
 from free_dfml.common.evaluation import evaluate
 from free_dfml.common.package import package_from_bytes
+from free_dfml.common.partition import client_classes
 
 # ------------------------------------------------------------------------------------------ machine
 
@@ -188,14 +189,12 @@ class ClientSpec:
 def client_plan(num_classes: int, n: int, per_client: int, seed: int, *, archs: Sequence[str] = ("conv4",),
                 widths: Sequence[int] = (32,), image_sizes: Sequence[int] = (32,), epochs: int = 20,
                 seed_offset: int = 0) -> list[ClientSpec]:
-    """``n`` clients over disjoint class sets (wrapping round once the split is used up); client i
+    """``n`` clients over disjoint class sets (wrapping round once the split is used up): clients
+    ``seed_offset .. seed_offset + n - 1`` of the simulation's plan (``common/partition.py``); client i
     gets ``archs[i % len(archs)]`` etc. so mixed zoos interleave evenly."""
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(num_classes, generator=g).tolist()
+    plan = client_classes(num_classes, seed_offset + n, per_client, True, seed)[seed_offset:]
     specs = []
-    for i in range(n):
-        start = ((i + seed_offset) * per_client) % num_classes
-        classes = [perm[(start + j) % num_classes] for j in range(per_client)]
+    for i, classes in enumerate(plan):
         specs.append(ClientSpec(archs[i % len(archs)], widths[i % len(widths)], classes,
                                 seed * 1000 + seed_offset + i, image_sizes[i % len(image_sizes)], epochs))
     return specs

@@ -1,6 +1,6 @@
-"""How the meta-train classes are split among clients: one seeded plan that the in-process job
-(``server/experiment.py``), Flower's simulated clients (``client/client_app.py``) and the benchmarks
-all use, so a client id always means the same classes.
+"""How the meta-train classes are split among clients: one seeded plan that the simulated clients
+(``client/virtual_client.py``, through Flower or in process) and the benchmark harness all use, so a client
+id always means the same classes.
 """
 
 from __future__ import annotations
