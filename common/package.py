@@ -314,9 +314,9 @@ def _probe(meta: ModelMeta, state: dict[str, torch.Tensor]) -> None:
         for name, buf in list(mod.named_buffers(recurse=False)):
             if buf is not None and buf.is_meta:
                 mod.register_buffer(name, torch.zeros(buf.shape, dtype=buf.dtype))
-    model = Normalized(net, meta.mean, meta.std).eval()
+    model = Normalized(net, meta.mean, meta.std).float().eval()     # float32 as stored, whatever the default dtype
     g = torch.Generator().manual_seed(PROBE_SEED)
-    x = torch.cat([torch.zeros(1, *meta.input_shape), torch.rand(1, *meta.input_shape, generator=g)])
+    x = torch.cat([torch.zeros(1, *meta.input_shape), torch.rand(1, *meta.input_shape, generator=g)]).float()
     with torch.no_grad():
         out = model(x)
     if tuple(out.shape) != (2, meta.num_classes):
