@@ -131,23 +131,22 @@ class Quarantine:
             raise QuarantineError(f"id {prefix!r} is ambiguous ({len(hits)} quarantined models start with it)")
         return hits[0]
 
-    def release(self, prefix: str) -> str:
-        """Make a quarantined model usable again; returns its id."""
+    def _move(self, prefix: str, to: str) -> str:
+        """Take a quarantined model out of quarantine into the ``to`` list; returns its id."""
         model_id = self.resolve(prefix)
         with self._changing() as doc:
             entry = doc["quarantined"].pop(model_id, None)
             if entry is None:
                 raise QuarantineError(f"model {model_id[:16]} is no longer quarantined")
-            doc["released"][model_id] = {"reason": entry.get("reason", ""), "time": round(time.time(), 3)}
+            doc[to][model_id] = {"reason": entry.get("reason", ""), "time": round(time.time(), 3)}
         return model_id
+
+    def release(self, prefix: str) -> str:
+        """Make a quarantined model usable again; returns its id."""
+        return self._move(prefix, "released")
 
     def delete(self, prefix: str, zoo) -> str:
         """Delete a quarantined model's package from ``zoo``; its id stays listed as deleted."""
-        model_id = self.resolve(prefix)
-        with self._changing() as doc:
-            entry = doc["quarantined"].pop(model_id, None)
-            if entry is None:
-                raise QuarantineError(f"model {model_id[:16]} is no longer quarantined")
-            doc["deleted"][model_id] = {"reason": entry.get("reason", ""), "time": round(time.time(), 3)}
+        model_id = self._move(prefix, "deleted")
         zoo.remove(model_id)
         return model_id
