@@ -246,17 +246,20 @@ class FreeTrainer:
         if not path.is_file():
             raise FileNotFoundError(f"no training checkpoint in {state.root} yet (the server saves one "
                                     "every checkpoint-every iterations and on stop)")
-        _, meta = ckpt.load_checkpoint(path)
-        trainer = cls(Zoo(state.zoo_dir), FreeConfig.from_dict(meta["config"]), state_dir=state.checkpoint_dir,
-                      device=device)
-        trainer.resume()
+        loaded = ckpt.load_checkpoint(path)
+        trainer = cls(Zoo(state.zoo_dir), FreeConfig.from_dict(loaded[1]["config"]),
+                      state_dir=state.checkpoint_dir, device=device)
+        trainer.resume(loaded)
         return trainer
 
-    def resume(self) -> bool:
-        """Load ``state_dir``'s checkpoint if there is one; True if it was loaded."""
-        if self.state_dir is None or not self.checkpoint_path.exists():
-            return False
-        tensors, meta = ckpt.load_checkpoint(self.checkpoint_path)
+    def resume(self, loaded: tuple[dict[str, torch.Tensor], dict] | None = None) -> bool:
+        """Load ``state_dir``'s checkpoint if there is one; True if it was loaded. ``loaded``: that
+        checkpoint's (tensors, meta) when the caller has read it already."""
+        if loaded is None:
+            if self.state_dir is None or not self.checkpoint_path.exists():
+                return False
+            loaded = ckpt.load_checkpoint(self.checkpoint_path)
+        tensors, meta = loaded
         saved = FreeConfig.from_dict(meta["config"])      # nested, or the flat form of older checkpoints
         if saved != self.cfg:
             mine = self.cfg.flat()
