@@ -18,6 +18,34 @@ from free_dfml.server.zoo import Zoo
 LOG = logging.getLogger("free_dfml.server")
 
 
+def trim_metrics(path, iteration: int) -> int:
+    """Drop the rows of ``metrics.jsonl`` past ``iteration`` (and a torn or unreadable line): after
+    a crash, training resumes from the last checkpoint and redoes the iterations after it, which
+    append their rows again. Rewritten atomically, only when something is dropped; returns how many
+    rows were dropped."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return 0
+    keep, dropped = [], 0
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+            ok = isinstance(row, dict) and int(row.get("iteration", 0)) <= iteration
+        except (ValueError, TypeError):
+            ok = False
+        if ok:
+            keep.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped or (text and not text.endswith("\n")):
+        atomic_write_bytes(path, "".join(keep).encode("utf-8"))
+    if dropped:
+        LOG.info("metrics.jsonl: %d row(s) past iteration %d dropped (redone after the checkpoint)",
+                 dropped, iteration)
+    return dropped
+
+
 class TrainerRunner:
     """FREE in a background thread; starts once the zoo holds enough models."""
 
@@ -73,6 +101,7 @@ class TrainerRunner:
                                        sink=TrainingBoard(self.state.tensorboard_dir),
                                        eval_data=eval_data, eval_episodes=s.eval_episodes)
             self.resumed = self.trainer.resume()
+            trim_metrics(self._metrics_path, self.trainer.iteration)
             self.guard = StepGuard(self.trainer, self.zoo.quarantine)
             LOG.info("FREE trainer ready (%s, iteration %d)", "resumed from checkpoint" if self.resumed
                      else "fresh", self.trainer.iteration)

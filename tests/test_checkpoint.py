@@ -111,3 +111,31 @@ def test_resume_reads_a_checkpoint_written_with_the_flat_config(tmp_path, tiny_z
     save_checkpoint(path, tensors, meta)
     with pytest.raises(ValueError, match=r"differs in generator\.lr"):
         FreeTrainer(tiny_zoo, cfg, state_dir=tmp_path, device="cpu").resume()
+
+
+def test_resumed_runner_does_not_repeat_metric_rows(tmp_path, tiny_zoo):
+    """kill -9 after the checkpoint of iteration 1 but after row 2 (and a torn line) reached
+    metrics.jsonl: the resumed runner redoes iteration 2 and the file holds each iteration once,
+    the redone row replacing the lost run's."""
+    from free_dfml.server.settings import ServerSettings
+    from free_dfml.server.state import StateDir
+    from free_dfml.server.training_runner import TrainerRunner
+    state = StateDir(tmp_path / "state").create()
+    settings = ServerSettings(state_dir=str(state.root), device="cpu", preset="tiny", checkpoint_every=1,
+                              max_iterations=1, free_config={"generator": {"engine": "loop"}})
+    first = TrainerRunner(tiny_zoo, settings, state)
+    first.maybe_start()
+    first.thread.join(300)
+    assert first.done and first.error is None and first.iteration == 1
+    metrics = state.logs_dir / "metrics.jsonl"
+    with open(metrics, "a") as f:                 # what the killed run wrote after its checkpoint
+        f.write(json.dumps({"iteration": 2, "lost": True}) + "\n")
+        f.write('{"iteration": 3, "lo')
+    settings.max_iterations = 2
+    second = TrainerRunner(tiny_zoo, settings, state)
+    second.maybe_start()
+    second.thread.join(300)
+    assert second.resumed and second.done and second.error is None and second.iteration == 2
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2]
+    assert not any(r.get("lost") for r in rows) and all("step_s" in r for r in rows)
