@@ -142,7 +142,11 @@ def status(state_dir: Path = STATE_OPT,
         print(f"models     {models.get('accepted', 0)} accepted, {models.get('rejected', 0)} rejected"
               f"{' (' + cats + ')' if cats else ''}, "
               f"{models.get('resubmissions', 0)} resubmitted, {models.get('in_zoo', 0)} in the zoo")
-        for a in st.get("accepted", []):
+        listed = st.get("accepted", [])
+        if models.get("accepted", 0) > len(listed):
+            print(f"  ({models['accepted'] - len(listed)} earlier accepted model(s) not listed: "
+                  "submissions.jsonl holds them all)")
+        for a in listed:
             dp = f"  DP epsilon={a['dp_epsilon']:.3g}" if a.get("dp_epsilon") is not None else ""
             print(f"  + {a['id'][:16]}  {a.get('arch')}  {a.get('num_classes')} classes{dp}")
         for r in st.get("rejected", [])[-10:]:

@@ -25,16 +25,23 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from free_dfml.common.files import atomic_write_bytes
+from free_dfml.common.limits import bounded_reason
 from free_dfml.common.processes import pid_alive
 from free_dfml.server.quarantine import Quarantine
 
-STATUS_REJECTED_KEEP = 50      # rejected submissions listed in status.json (all are in submissions.jsonl)
+# entries status.json lists of each kind (the last accepted models, rejections and quarantined
+# models; the counts cover them all, submissions.jsonl and quarantine.json hold every one): the
+# document stays a few tens of kB however many submissions arrive
+STATUS_KEEP = 50
+STATUS_REJECTED_KEEP = STATUS_KEEP
 
 
 def atomic_write_json(path: str | os.PathLike, doc: Any) -> None:
@@ -54,6 +61,7 @@ class StateDir:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser().resolve()
+        self._summary: SubmissionSummary | None = None
 
     # ------------------------------------------------------------------------------ paths
     @property
@@ -98,8 +106,14 @@ class StateDir:
         """Append one accepted/rejected event (fsync'd) to submissions.jsonl."""
         entry = {"time": round(time.time(), 3), **entry}
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.submissions_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry, sort_keys=True, default=str) + "\n")
+        line = (json.dumps(entry, sort_keys=True, default=str) + "\n").encode("utf-8")
+        with open(self.submissions_path, "a+b") as f:
+            end = f.seek(0, os.SEEK_END)
+            if end:                      # after a torn last line (a crash mid-write): start a new line
+                f.seek(end - 1)
+                if f.read(1) != b"\n":
+                    line = b"\n" + line
+            f.write(line)
             f.flush()
             os.fsync(f.fileno())
 
@@ -156,37 +170,89 @@ class StateDir:
         return self.stop_path.exists()
 
 
-def summarize_submissions(state: StateDir) -> dict[str, Any]:
-    """Accepted models (unique ids, first acceptance) and rejections, from submissions.jsonl."""
-    accepted: dict[str, dict[str, Any]] = {}
-    rejected: list[dict[str, Any]] = []
-    resubmissions = 0
-    for e in state.submissions():
+class SubmissionSummary:
+    """Counts and the last ``keep`` entries of ``submissions.jsonl``, kept up to date by reading
+    only the lines appended since the last :meth:`update` (a status write every second costs the
+    new lines, not the whole log). A line without its newline yet is left for the next read; a
+    torn line (a crash mid-write, then more lines) is skipped as :meth:`StateDir.submissions` does."""
+
+    def __init__(self, keep: int = STATUS_KEEP):
+        self.keep = keep
+        self._lock = threading.Lock()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.offset = 0
+        self.accepted_ids: set[str] = set()     # unique models (bounded by the zoo, not the log)
+        self.accepted: deque[dict[str, Any]] = deque(maxlen=self.keep)
+        self.rejected: deque[dict[str, Any]] = deque(maxlen=self.keep)
+        self.rejected_total = 0
+        self.by_category: dict[str, int] = {}
+        self.resubmissions = 0
+        self.dp_models = 0
+
+    def update(self, path: Path) -> "SubmissionSummary":
+        with self._lock:
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                size = 0
+            if size < self.offset:          # replaced or truncated: start over
+                self._reset()
+            if size == self.offset:
+                return self
+            with open(path, "rb") as f:
+                f.seek(self.offset)
+                for raw in f:
+                    if not raw.endswith(b"\n"):
+                        break
+                    self.offset += len(raw)
+                    self._add(raw)
+            return self
+
+    def _add(self, raw: bytes) -> None:
+        try:
+            e = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return
+        if not isinstance(e, dict):
+            return
         if e.get("event") == "accepted":
-            if e.get("model_id") in accepted:
-                resubmissions += 1
-                continue
-            accepted[e["model_id"]] = e
+            mid = e.get("model_id")
+            if mid in self.accepted_ids:
+                self.resubmissions += 1
+                return
+            self.accepted_ids.add(mid)
+            if e.get("dp_epsilon") is not None:
+                self.dp_models += 1
+            self.accepted.append({"id": mid, "arch": e.get("arch"), "num_classes": e.get("num_classes"),
+                                  "dp_epsilon": e.get("dp_epsilon"), "dp_delta": e.get("dp_delta"),
+                                  "time": e.get("time")})
         elif e.get("event") == "rejected":
-            rejected.append(e)
-    return {"accepted": list(accepted.values()), "rejected": rejected, "resubmissions": resubmissions}
+            self.rejected_total += 1
+            c = e.get("category") or "invalid"
+            self.by_category[c] = self.by_category.get(c, 0) + 1
+            reason = e.get("reason")
+            self.rejected.append({"reason": None if reason is None else bounded_reason(reason),
+                                  "category": e.get("category"),
+                                  "node": e.get("node"), "time": e.get("time")})
+
+
+def summarize_submissions(state: StateDir) -> SubmissionSummary:
+    """``state``'s submission summary, brought up to date (one per :class:`StateDir` object)."""
+    if state._summary is None:
+        state._summary = SubmissionSummary()
+    return state._summary.update(state.submissions_path)
 
 
 def build_status(state: StateDir, *, phase: str, started_at: float, run_id: int | None = None,
                  zoo_size: int = 0, training: dict[str, Any] | None = None,
                  last_evaluation: dict[str, Any] | None = None, pending: int = 0,
                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The status.json document (what ``free-server status`` shows)."""
+    """The status.json document (what ``free-server status`` shows): counts of everything, and the
+    last ``STATUS_KEEP`` accepted models, rejections and quarantined models."""
     subs = summarize_submissions(state)
-    accepted = [{"id": e["model_id"], "arch": e.get("arch"), "num_classes": e.get("num_classes"),
-                 "dp_epsilon": e.get("dp_epsilon"), "dp_delta": e.get("dp_delta"), "time": e.get("time")}
-                for e in subs["accepted"]]
-    rejected = [{"reason": e.get("reason"), "category": e.get("category"), "node": e.get("node"),
-                 "time": e.get("time")} for e in subs["rejected"][-STATUS_REJECTED_KEEP:]]
-    by_category: dict[str, int] = {}
-    for e in subs["rejected"]:
-        c = e.get("category") or "invalid"
-        by_category[c] = by_category.get(c, 0) + 1
+    accepted, rejected = list(subs.accepted), list(subs.rejected)
     quarantined = Quarantine.of_zoo(state.zoo_dir).entries()
     now = time.time()
     doc = {
@@ -196,12 +262,13 @@ def build_status(state: StateDir, *, phase: str, started_at: float, run_id: int 
         "started_at": started_at,
         "updated_at": round(now, 3),
         "uptime_s": round(now - started_at, 1),
-        "models": {"accepted": len(accepted), "rejected": len(subs["rejected"]),
-                   "resubmissions": subs["resubmissions"], "in_zoo": zoo_size, "pending_queries": pending,
-                   "quarantined": len(quarantined), "rejected_by_category": by_category},
+        "models": {"accepted": len(subs.accepted_ids), "rejected": subs.rejected_total,
+                   "resubmissions": subs.resubmissions, "in_zoo": zoo_size, "pending_queries": pending,
+                   "quarantined": len(quarantined), "rejected_by_category": dict(subs.by_category),
+                   "dp": subs.dp_models},
         "accepted": accepted,
         "rejected": rejected,
-        "quarantined": quarantined,
+        "quarantined": quarantined[-STATUS_KEEP:],
         "dp_epsilons": [a["dp_epsilon"] for a in accepted if a["dp_epsilon"] is not None],
         "training": training or {},
         "last_evaluation": last_evaluation,

@@ -195,3 +195,37 @@ def test_client_side_never_imports_server_code():
             "print(','.join(bad)); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, f"client modules loaded server modules: {r.stdout.strip()} {r.stderr[-500:]}"
+
+
+def test_status_stays_small_with_many_submissions(capsys, tmp_path):
+    """Thousands of rejections and hundreds of models: status.json holds the counts and the last
+    STATUS_KEEP entries of each kind, is updated from the lines appended since the last write,
+    and a line logged after a torn one (a crash mid-write) still counts."""
+    import json
+
+    from free_dfml.server.state import STATUS_KEEP, StateDir, build_status
+    state = StateDir(tmp_path / "state").create()
+    lines = [json.dumps({"event": "rejected", "reason": "r" * 5000 if i == 0 else f"bad {i} " + "x" * 290,
+                         "category": "dp-policy" if i % 2 else None, "node": i}) for i in range(4000)]
+    lines += [json.dumps({"event": "accepted", "model_id": f"{i:064x}", "arch": "conv4", "num_classes": 5,
+                          "dp_epsilon": 8.0 if i % 4 == 0 else None}) for i in range(120)]
+    lines += [json.dumps({"event": "accepted", "model_id": f"{i:064x}"}) for i in range(10)]   # resubmitted
+    state.submissions_path.write_text("\n".join(lines) + '\n{"event": "rejected", "rea')     # torn by a crash
+    st = build_status(state, phase="collecting", started_at=0.0)
+    m = st["models"]
+    assert (m["accepted"], m["rejected"], m["resubmissions"], m["dp"]) == (120, 4000, 10, 30)
+    assert m["rejected_by_category"] == {"dp-policy": 2000, "invalid": 2000}
+    assert len(st["accepted"]) == len(st["rejected"]) == STATUS_KEEP
+    assert st["accepted"][-1]["id"] == f"{119:064x}" and st["rejected"][-1]["node"] == 3999
+    assert st["dp_epsilons"] == [8.0] * 12                 # of the listed models (70..119)
+    assert len(json.dumps(st)) < 40_000
+    offset = state._summary.offset
+    state.log_submission({"event": "rejected", "reason": "late", "node": 7})
+    st = build_status(state, phase="collecting", started_at=0.0)
+    assert st["models"]["rejected"] == 4001 and st["rejected"][-1]["reason"] == "late"
+    assert state._summary.offset > offset
+    state.write_status(st)
+    code, out, err = cli(capsys, "free-server", "status", "--state", state.root)
+    assert code == 0, err
+    assert "120 accepted, 4001 rejected" in out and "70 earlier accepted model(s) not listed" in out
+    assert len(out.splitlines()) < 80
