@@ -29,7 +29,7 @@ from typing import Optional
 
 import typer
 
-from free_dfml.common.cli import CliError, is_loopback, parse_address, run_cli
+from free_dfml.common.cli import CliError, check_certificate, is_loopback, parse_address, run_cli
 from free_dfml.common.processes import stop_process_tree, venv_env, venv_exe
 
 EXIT_REJECTED = 3
@@ -284,8 +284,8 @@ def submit(
     if timeout <= 0:
         raise CliError("--timeout must be > 0")
     host, port = parse_address(server)
-    if root_cert is not None and not root_cert.is_file():
-        raise CliError(f"no such file: {root_cert}")
+    if root_cert is not None:
+        check_certificate(root_cert, "--root-cert")      # a bad file fails now, not at the timeout
     if root_cert is not None and insecure:
         raise CliError("--insecure conflicts with --root-cert")
     if root_cert is None and not insecure and not is_loopback(host):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import sys
+from pathlib import Path
 
 import typer
 
@@ -39,6 +40,38 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def check_certificate(path: Path, option: str) -> None:
+    """``path`` must hold a PEM certificate that TLS can load (``--root-cert``, ``--tls-cert``,
+    ``--tls-ca``); else a one-line :class:`CliError` naming the option and the file, before
+    anything is started (a bad file would otherwise surface as a connection timeout)."""
+    import ssl
+    if not path.is_file():
+        raise CliError(f"{option}: no such file: {path}")
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except (ssl.SSLError, OSError, ValueError) as e:
+        raise CliError(f"{option} {path} is not a readable PEM certificate ({_ssl_reason(e)})") from None
+
+
+def check_private_key(cert: Path, key: Path, option: str) -> None:
+    """``key`` must be the unencrypted PEM private key of the certificate ``cert`` (checked first
+    with :func:`check_certificate`); else a one-line :class:`CliError` naming the file."""
+    import ssl
+    if not key.is_file():
+        raise CliError(f"{option}: no such file: {key}")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(str(cert), str(key), password=b"")   # an encrypted key fails, never prompts
+    except (ssl.SSLError, OSError, ValueError) as e:
+        raise CliError(f"{option} {key} is not the unencrypted PEM private key of {cert} "
+                       f"({_ssl_reason(e)})") from None
+
+
+def _ssl_reason(e: Exception) -> str:
+    reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e)
+    return " ".join(str(reason).split())[:120]
 
 
 def run_cli(typer_app: typer.Typer, prog: str, argv: list[str] | None = None) -> int:

@@ -34,7 +34,8 @@ from typing import Optional
 
 import typer
 
-from free_dfml.common.cli import CliError, is_loopback, parse_address, run_cli
+from free_dfml.common.cli import (CliError, check_certificate, check_private_key, is_loopback, parse_address,
+                                  run_cli)
 from free_dfml.common.processes import pid_alive, venv_env, venv_exe
 from free_dfml.server.settings import load_config_file, settings_from
 from free_dfml.server.state import StateDir, atomic_write_json, read_json
@@ -81,9 +82,10 @@ def start(
     tls = [tls_cert, tls_key, tls_ca]
     if any(tls) and not all(tls):
         raise CliError("TLS needs all of --tls-cert, --tls-key and --tls-ca")
-    for p in tls:
-        if p is not None and not p.is_file():
-            raise CliError(f"no such file: {p}")
+    if all(tls):        # a bad file fails now, naming it, not when a client connects
+        check_certificate(tls_ca, "--tls-ca")
+        check_certificate(tls_cert, "--tls-cert")
+        check_private_key(tls_cert, tls_key, "--tls-key")
     if all(tls) and insecure:
         raise CliError("--insecure conflicts with the --tls-* options")
     if node_auth and not all(tls):

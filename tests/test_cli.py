@@ -229,3 +229,55 @@ def test_status_stays_small_with_many_submissions(capsys, tmp_path):
     assert code == 0, err
     assert "120 accepted, 4001 rejected" in out and "70 earlier accepted model(s) not listed" in out
     assert len(out.splitlines()) < 80
+
+
+def _pem_pair(tmp_path: Path, name: str, password: bytes | None = None) -> tuple[Path, Path]:
+    """A self-signed certificate and its key (PEM), made in process with ``cryptography``."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    enc = serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
+    c, k = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+    c.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    k.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc))
+    return c, k
+
+
+def test_bad_certificate_files_fail_at_once_naming_the_file(capsys, tmp_path, good_package):
+    """A garbage, missing or mismatched PEM file is refused before anything starts, in one line
+    naming the option and the file (not after a connection timeout)."""
+    from free_dfml.common.cli import check_certificate, check_private_key
+    cert, key = _pem_pair(tmp_path, "server")
+    other_cert, other_key = _pem_pair(tmp_path, "other")
+    _, locked_key = _pem_pair(tmp_path, "locked", password=b"secret")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_bytes(b"-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+    check_certificate(cert, "--root-cert")          # a good pair passes
+    check_private_key(cert, key, "--tls-key")
+    for bad, needle in ((garbage, "not a readable PEM certificate"), (key, "not a readable PEM certificate"),
+                        (tmp_path / "missing.pem", "no such file"), (tmp_path, "no such file")):
+        code, _, err = cli(capsys, "free-client", "submit", "--model", good_package, "--server", "127.0.0.1:9",
+                           "--root-cert", bad, "--timeout", "600")
+        assert code == 2
+        one_line_error(err, "--root-cert", str(bad), needle)
+    state = tmp_path / "state"
+    for tls, option, needle in (((cert, key, garbage), "--tls-ca", "not a readable PEM certificate"),
+                                ((garbage, key, cert), "--tls-cert", "not a readable PEM certificate"),
+                                ((cert, other_key, cert), "--tls-key", "KEY_VALUES_MISMATCH"),
+                                ((cert, garbage, cert), "--tls-key", "not the unencrypted PEM private key"),
+                                ((cert, locked_key, cert), "--tls-key", "not the unencrypted PEM private key")):
+        code, _, err = cli(capsys, "free-server", "start", "--state", state, "--tls-cert", tls[0],
+                           "--tls-key", tls[1], "--tls-ca", tls[2])
+        assert code == 2
+        bad = {"--tls-cert": tls[0], "--tls-key": tls[1], "--tls-ca": tls[2]}[option]
+        one_line_error(err, option, str(bad), needle)
+    assert not state.exists()
