@@ -41,6 +41,11 @@ class ServerSettings:
     threads: int = 0                    # torch threads for training (0: leave as is)
     require_dp: bool = False            # refuse models without DP metadata (server/policy.py)
     max_epsilon: float = 0.0            # refuse models with DP epsilon above this (0: no bound)
+    # the data-free screen (server/screen.py; thresholds = ScreenConfig's defaults, docs/security.md)
+    screen: bool = False                # screen every model before training uses it; quarantine failures
+    screen_max_inversion_ce: float = 0.8
+    screen_max_bn_mismatch: float = 2.0
+    screen_min_noise_match: float = 0.1
 
     @classmethod
     def from_run_config(cls, rc: dict[str, Any]) -> "ServerSettings":

@@ -40,6 +40,7 @@ from free_dfml.server.meta_learner import MetaLearner, learner_from_config, zoo_
 from free_dfml.server.zoo import Zoo
 
 if TYPE_CHECKING:
+    from free_dfml.server.screen import Screen
     from free_dfml.server.tensorboard import MetricsSink
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -58,9 +59,13 @@ def _fmt(v: Any) -> Any:
 class FreeTrainer:
     def __init__(self, zoo: Zoo, cfg: FreeConfig, *, state_dir: Path | str | None = None,
                  device: str | torch.device = "auto", eval_data=None, eval_episodes: int = 100,
-                 engine: InversionEngine | None = None, sink: MetricsSink | None = None):
+                 engine: InversionEngine | None = None, sink: MetricsSink | None = None,
+                 screen: Screen | None = None):
         cfg.validate()
         self.zoo, self.cfg = zoo, cfg
+        # the data-free screen (server/screen.py): every model is screened before it is first used,
+        # the normalisation below included; None: no screen
+        self.screen = screen
         self.device = resolve_device(device)
         # how FIVE steps run their inner loops (same results): given, or generator.engine on this device
         self.engine = engine if engine is not None else inversion_engine(cfg.generator.engine, self.device)
@@ -78,7 +83,7 @@ class FreeTrainer:
         if lrn.norm_mean is not None and lrn.norm_std is not None:
             self.norm = (tuple(lrn.norm_mean), tuple(lrn.norm_std))
         else:
-            self.norm = zoo_normalisation([zoo.meta(m) for m in sorted(zoo.usable_ids())], lrn.channels) or \
+            self.norm = zoo_normalisation([zoo.meta(m) for m in sorted(self.usable_ids())], lrn.channels) or \
                 ((0.5,) * lrn.channels, (0.25,) * lrn.channels)
         self._build(init_rng)
 
@@ -113,13 +118,18 @@ class FreeTrainer:
             return None
         return self.zoo.meta(model_id).class_labels
 
+    def usable_ids(self) -> list[str]:
+        """The zoo's models training may use: not quarantined, and past the screen if there is one."""
+        ids = self.zoo.usable_ids()
+        return ids if self.screen is None else self.screen.usable(ids)
+
     @property
     def warming_up(self) -> bool:
         return self.iteration < self.cfg.schedule.warmup
 
     # -------------------------------------------------------------------------------- training
     def step(self) -> dict:
-        ids = sorted(self.zoo.usable_ids())   # not arrival order (module docstring); no quarantined model
+        ids = sorted(self.usable_ids())   # not arrival order (module docstring); no quarantined model
         if not ids:
             raise RuntimeError("the zoo is empty: FREE needs at least one model before it can train")
         cfg = self.cfg

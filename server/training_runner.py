@@ -97,9 +97,13 @@ class TrainerRunner:
                                          grayscale=cfg.learner.channels == 1).split(s.eval_split)
             if s.threads:
                 torch.set_num_threads(int(s.threads))
+            screen = None
+            if s.screen:            # the data-free screen (server/screen.py), at the meta-learner's size
+                from free_dfml.server.screen import Screen, screen_config
+                screen = Screen(self.zoo, screen_config(s, cfg.learner), log=LOG.info)
             self.trainer = FreeTrainer(self.zoo, cfg, state_dir=self.state.checkpoint_dir, device=s.device,
                                        sink=TrainingBoard(self.state.tensorboard_dir),
-                                       eval_data=eval_data, eval_episodes=s.eval_episodes)
+                                       eval_data=eval_data, eval_episodes=s.eval_episodes, screen=screen)
             self.resumed = self.trainer.resume()
             trim_metrics(self._metrics_path, self.trainer.iteration)
             self.guard = StepGuard(self.trainer, self.zoo.quarantine)
@@ -118,7 +122,7 @@ class TrainerRunner:
             while not self.stop_event.is_set():
                 if s.max_iterations and t.iteration >= s.max_iterations:
                     break
-                if not self.zoo.usable_ids():      # every model quarantined: wait for a release
+                if not t.usable_ids():      # every model quarantined (or screened out): wait for a release
                     if s.finish_when_done:         # (a simulation has no operator to release one)
                         break
                     self.stop_event.wait(1.0)
