@@ -68,6 +68,14 @@ class Preset:
     scaling_width: int = 8
     scaling_cache: int = 16            # Zoo teacher LRU cache size
     scaling_bank_mb: float = 8.0       # FreeConfig bank.max_mb there: small, so that the bound is exercised
+    # trust (harmful models, the data-free screen; benchmarks/trust.py) -------------------------------
+    trust_levels: tuple[int, ...] = (0, 20, 40)    # harmful share of the zoo, percent
+    trust_honest: int = 8
+    trust_weak: int = 3
+    trust_client_epochs: int = 10
+    trust_iterations: int = 20
+    trust_episodes: int = 200
+    trust_learner_width: int = 16
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "study"}
@@ -96,7 +104,8 @@ PROBES: dict[str, dict[str, Any]] = {
                  batched_T=(2, 4), batched_width=4, batched_repeats=1,
                  hetero_clients=3, hetero_widths=(8, 4, 4), hetero_iterations=2, hetero_methods=("random", "average", "free"),
                  scaling_sizes=(4, 8, 16), scaling_iterations=1, scaling_width=4, scaling_cache=2,
-                 scaling_bank_mb=0.5),
+                 scaling_bank_mb=0.5, trust_levels=(0, 40), trust_honest=3, trust_weak=1, trust_client_epochs=1,
+                 trust_iterations=2, trust_episodes=4, trust_learner_width=8),
     # 2 CPU cores, under 30 minutes
     "quick": dict(),
     # paper-size: 100 models, Conv4-64 learner and teachers, 1000 iterations, 200 scratch steps (GPU).

@@ -1,7 +1,7 @@
 """One command for the project's performance evidence.
 
     python -m benchmarks.run --preset tiny|quick|paper [--device auto|cpu|cuda]
-                             [--out runs/bench/NAME] [--only accuracy,recovery,batched,hetero,scaling]
+                             [--out runs/bench/NAME] [--only accuracy,recovery,batched,hetero,scaling,trust]
                              [--set FIELD=VALUE ...]
 
 ``--set`` overrides a field of the preset (``benchmarks/presets.py``; VALUE is JSON when it parses),
@@ -12,7 +12,8 @@ method; the study's fields as ``section.field``, e.g. ``--set clients.count=8``)
 Sections (one module each): ``accuracy`` (every method, 5-way 1/5-shot, 600 meta-test episodes),
 ``recovery`` (FIVE vs scratch inversion speed), ``batched`` (vmapped multi-teacher inversion vs the
 sequential loop), ``hetero`` (mixed-architecture and mixed-domain zoos), ``scaling`` (memory and
-speed vs zoo size). Writes ``results.json``, ``results.md`` and PNG plots into ``--out``, with the
+speed vs zoo size); ``trust`` (harmful models, the data-free screen off and on) only with ``--only``.
+Writes ``results.json``, ``results.md`` and PNG plots into ``--out``, with the
 machine (CPU / GPU model, torch version), the preset, the seed and the command line.
 """
 
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmarks import accuracy, batched, hetero, recovery, scaling
+from benchmarks import accuracy, batched, hetero, recovery, scaling, trust
 from benchmarks.common import command_line, machine_info, set_threads
 from benchmarks.jobs import Ctx, run_jobs
 from benchmarks.presets import NAMES, get_preset, parse_setting
@@ -37,8 +38,9 @@ from free_dfml.server.device import resolve_device
 
 # each section's module has jobs(preset) -> [Job] and summarize(outcomes, preset) -> dict
 MODULES = {"accuracy": accuracy, "recovery": recovery, "batched": batched, "hetero": hetero,
-           "scaling": scaling}
-SECTIONS = tuple(MODULES)
+           "scaling": scaling, "trust": trust}
+OPT_IN = ("trust",)                 # run only when named in --only
+SECTIONS = tuple(m for m in MODULES if m not in OPT_IN)
 
 
 def _jobs_for(sections, p):
@@ -54,9 +56,9 @@ def _jobs_for(sections, p):
 def check_sections(only: list[str] | None, p) -> list[str]:
     """The sections to run (all by default); a ValueError for a request that cannot run."""
     sections = list(only) if only else list(SECTIONS)
-    bad = [s for s in sections if s not in SECTIONS]
+    bad = [s for s in sections if s not in MODULES]
     if bad:
-        raise ValueError(f"unknown section(s) {bad} (known: {', '.join(SECTIONS)})")
+        raise ValueError(f"unknown section(s) {bad} (known: {', '.join(MODULES)})")
     if "recovery" in sections and "free" not in p.methods:
         raise ValueError("the recovery section probes the generator that the accuracy section's "
                          "'free' method trains: keep 'free' in methods or leave recovery out")
@@ -105,6 +107,9 @@ def run(preset: str = "quick", *, out: str | Path | None = None, device: str = "
     }
     for sec in sections:
         doc["sections"][sec] = MODULES[sec].summarize(outcomes, p)
+    if "trust" in doc["sections"]:
+        (out / "trust.json").write_text(json.dumps(doc["sections"]["trust"], indent=1, default=_json_default))
+        (out / "trust.md").write_text(trust.markdown(doc["sections"]["trust"]))
     doc["targets"] = targets(doc)
     doc["plots"] = plots(doc, out)
     (out / "results.json").write_text(json.dumps(doc, indent=1, default=_json_default))
@@ -149,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="quick", choices=NAMES, help="tiny | quick | paper (alias full)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--out", default=None, help="output folder (default runs/bench/<preset>)")
-    ap.add_argument("--only", default=None, help="comma-separated sections: " + ",".join(SECTIONS))
+    ap.add_argument("--only", default=None, help="comma-separated sections: " + ",".join(MODULES))
     ap.add_argument("--workers", type=int, default=None, help="worker processes (0: in-process)")
     ap.add_argument("--dataset", default=None, help="data set spec (default glyphs; 'synthetic' for tests)")
     ap.add_argument("--seed", type=int, default=None)
