@@ -33,6 +33,60 @@ INVERSIONS = ("five", "scratch")
 AUGMENTS = ("none", "color")
 
 
+class ConfigError(ValueError):
+    """A configuration value of the wrong type or out of range: ``key = value: expected ...``, with
+    the key as the user gave it (``way``, ``learner.way``), so the caller can prefix where it came
+    from (``[free] way = "five": expected an integer``)."""
+
+    def __init__(self, key: str, value: Any, expected: str):
+        self.key, self.value, self.expected = key, value, expected
+        super().__init__(f"{key} = {show_value(value)}: expected {expected}")
+
+
+def show_value(value: Any, limit: int = 60) -> str:
+    """A value as it would be written in a TOML/JSON file, cut to ``limit`` characters."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)
+            and (not isinstance(v, float) or v == v and abs(v) != float("inf")))
+
+
+def type_problem(default: Any, value: Any) -> str | None:
+    """What ``value`` should be, given the field's default (None: it is of the right type):
+    bool, integer, finite number, string, a list of numbers (the normalisation, None too) or a
+    pair of numbers (``betas``)."""
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    if isinstance(default, int):
+        return None if _is_int(value) else "an integer"
+    if isinstance(default, float):
+        return None if _is_number(value) else "a number"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "a string"
+    if isinstance(default, tuple):
+        ok = isinstance(value, (list, tuple)) and len(value) == len(default) and all(map(_is_number, value))
+        return None if ok else f"a list of {len(default)} numbers"
+    if default is None:
+        ok = value is None or (isinstance(value, (list, tuple)) and value and all(map(_is_number, value)))
+        return None if ok else "a list of numbers (or null)"
+    return None
+
+
+def _field_default(cls: type, name: str) -> Any:
+    f = cls.__dataclass_fields__[name]
+    return f.default_factory() if callable(getattr(f, "default_factory", None)) else f.default
+
+
 @dataclass
 class GeneratorConfig:
     """FIVE: one meta-generator ``phi`` adapted to each teacher in ``inner_steps`` Adam steps."""
@@ -200,6 +254,10 @@ def nest(d: dict[str, Any]) -> dict[str, dict[str, Any]]:
                              f"{', '.join(known)})")
         if name in out.setdefault(section, {}):
             raise ValueError(f"FreeConfig key {section}.{name} given twice (as {key!r} too)")
+        problem = type_problem(_field_default(SECTIONS[section], name), value)
+        if problem:     # named as given; an old flat name with its field's (inversion_jitter)
+            flat = key.rsplit(".", 1)[-1]
+            raise ConfigError(f"{section}.{name} ({flat})" if flat != name else key, value, problem)
         out[section][name] = value
 
     for key, value in d.items():
@@ -274,38 +332,65 @@ class FreeConfig:
 
     # ---------------------------------------------------------------------------------- checks
     def validate(self) -> None:
+        """Every field's type, then its range: a :class:`ConfigError` naming the first bad one
+        (``section.field``, with the old flat name where the message has long used it)."""
+        for section, cls in SECTIONS.items():
+            sec = getattr(self, section)
+            for name in cls.__dataclass_fields__:
+                problem = type_problem(_field_default(cls, name), getattr(sec, name))
+                if problem:
+                    raise ConfigError(f"{section}.{name}", getattr(sec, name), problem)
         g, b, r, lrn, s = self.generator, self.bank, self.replay, self.learner, self.schedule
         if g.inversion not in INVERSIONS:
-            raise ValueError(f"generator.inversion must be 'five' or 'scratch', got {g.inversion!r}")
+            raise ConfigError("generator.inversion", g.inversion, "'five' or 'scratch'")
         if lrn.way < 2:
-            raise ValueError("learner.way must be >= 2")
+            raise ConfigError("learner.way", lrn.way, "an integer >= 2")
         if r.augment not in AUGMENTS:
-            raise ValueError(f"replay.augment must be 'none' or 'color', got {r.augment!r}")
+            raise ConfigError("replay.augment", r.augment, "'none' or 'color'")
         if self.bell.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"bell.optimizer must be 'adam' or 'sgd', got {self.bell.optimizer!r}")
-        if not isinstance(g.engine, str) or g.engine not in ENGINES:
-            raise ValueError(f"generator.engine (batched_inversion) must be one of {', '.join(ENGINES)} "
-                             f"(true, false or 'auto'), got {g.engine!r}")
-        if (isinstance(g.jitter, bool) or not isinstance(g.jitter, int)
-                or not 0 <= g.jitter < lrn.image_size):
-            raise ValueError(f"generator.jitter (inversion_jitter) must be between 0 and image_size - 1, "
-                             f"got {g.jitter}")
+            raise ConfigError("bell.optimizer", self.bell.optimizer, "'adam' or 'sgd'")
+        if g.engine not in ENGINES:
+            raise ConfigError("generator.engine (batched_inversion)", g.engine,
+                              f"one of {', '.join(ENGINES)} (true, false or 'auto')")
+        if not 0 <= g.jitter < lrn.image_size:
+            raise ConfigError("generator.jitter (inversion_jitter)", g.jitter,
+                              "an integer between 0 and image_size - 1")
         if b.dtype not in ("uint8", "float16"):
-            raise ValueError("bank.dtype must be 'uint8' or 'float16'")
+            raise ConfigError("bank.dtype", b.dtype, "'uint8' or 'float16'")
         if b.max_mb < 0:
-            raise ValueError("bank.max_mb must be >= 0 (0: unbounded)")
+            raise ConfigError("bank.max_mb", b.max_mb, "a number >= 0 (0: unbounded)")
+        if lrn.channels not in (1, 3):
+            raise ConfigError("learner.channels", lrn.channels, "1 or 3")
+        if lrn.norm_std is not None and min(lrn.norm_std) <= 0:
+            raise ConfigError("learner.norm_std", lrn.norm_std, "numbers > 0")
+        for name, v in (("schedule.teachers_per_iter", s.teachers_per_iter),
+                        ("generator.inner_steps", g.inner_steps),
+                        ("generator.samples_per_class", g.samples_per_class),
+                        ("generator.nz", g.nz), ("generator.ngf", g.ngf),
+                        ("generator.scratch_steps", g.scratch_steps),
+                        ("replay.meta_batch", r.meta_batch), ("replay.shot", r.shot),
+                        ("replay.query", r.query), ("replay.patience", r.patience),
+                        ("replay.max_batches", r.max_batches), ("bank.capacity", b.capacity),
+                        ("learner.width", lrn.width), ("learner.image_size", lrn.image_size),
+                        ("schedule.eval_shot", s.eval_shot)):
+            if v < 1:
+                raise ConfigError(name, v, "an integer >= 1")
+        for name, v in (("replay.inner_steps", r.inner_steps), ("learner.adapt_steps", lrn.adapt_steps),
+                        ("schedule.iterations", s.iterations), ("schedule.warmup", s.warmup),
+                        ("schedule.eval_every", s.eval_every), ("schedule.checkpoint_every", s.checkpoint_every),
+                        ("schedule.seed", s.seed)):
+            if v < 0:
+                raise ConfigError(name, v, "an integer >= 0")
+        for name, v in (("generator.lr", g.lr), ("generator.z_lr", g.z_lr), ("generator.meta_lr", g.meta_lr),
+                        ("bell.lr", self.bell.lr), ("replay.outer_lr", r.outer_lr),
+                        ("learner.inner_lr", lrn.inner_lr)):
+            if not v > 0:
+                raise ConfigError(name, v, "a number > 0")
         if b.max_mb:
             ring = self.bank_ring_bytes()
             if b.max_mb * 2 ** 20 < 2 * lrn.way * ring:
                 raise ValueError(f"bank.max_mb (bank_max_mb) {b.max_mb} holds fewer than {2 * lrn.way} "
                                  f"classes of {b.capacity} images ({ring / 2 ** 20:.2f} MB each)")
-        for name, v in (("schedule.teachers_per_iter", s.teachers_per_iter),
-                        ("generator.inner_steps", g.inner_steps),
-                        ("generator.samples_per_class", g.samples_per_class),
-                        ("replay.meta_batch", r.meta_batch), ("replay.shot", r.shot),
-                        ("replay.query", r.query), ("bank.capacity", b.capacity)):
-            if v < 1:
-                raise ValueError(f"{name} must be >= 1")
 
     def bank_ring_bytes(self) -> int:
         """Bytes one bank key's ring takes (as ``MemoryBank.ring_bytes``)."""

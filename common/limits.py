@@ -1,10 +1,20 @@
 """Caps on what a client publishes: one place for the package reader (common/package.py), the
-wire protocol (common/wire.py) and the ingest service. No imports, so either side loads it for free.
+wire protocol (common/wire.py) and the ingest service. No heavy imports, so either side loads it for free.
+
+The caps a server applies are configurable (``free-server start``'s ``max-*`` settings, server/settings.py):
+:class:`Limits` holds one set, the constants below are its defaults, and :func:`applied` makes a set
+the one the package reader checks against (:func:`active`) in the current thread or task. The
+reader and the metadata checks read :func:`active`, so the callers in between need no parameter.
 
 Every default is sized from what the toolkit itself produces (docs/model-package.md, "Validation"):
 the largest architecture we ship, ResNet-18 at width 64, stores 11.7 M values even with 1000
 classes, at any side (global pooling); Conv4-64 at 84 px stores 1.7 M.
 """
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Iterator
 
 # --- sizes
 MAX_PARAMETERS = 16_000_000             # stored values (weights + BatchNorm statistics) in a package
@@ -41,11 +51,62 @@ PROBE_SEED = 0               # the seeded random probe input (a zero image is th
 MAX_REASON_BYTES = 300       # a rejection reason, wherever it is stored, logged or sent
 
 
-def bounded_reason(text: object, limit: int = MAX_REASON_BYTES) -> str:
+@dataclass(frozen=True)
+class Limits:
+    """The admission caps one server applies; each field is a server setting (``max-`` + its name
+    with dashes, ``package_bytes`` is ``max-payload-bytes``) and :data:`RANGES` says what values
+    it may take."""
+
+    package_bytes: int = MAX_PACKAGE_BYTES     # a package file or wire payload
+    input_side: int = MAX_SIDE                 # input_shape H = W
+    parameters: int = MAX_PARAMETERS           # stored values
+    forward_macs: int = MAX_FORWARD_MACS       # one image's forward pass (the trainer's cost per teacher)
+    label_bytes: int = MAX_LABEL_BYTES         # one class label
+    training_bytes: int = MAX_TRAINING_BYTES   # the free-form `training` field, serialised
+    json_depth: int = MAX_JSON_DEPTH           # nesting of the metadata document
+    reason_bytes: int = MAX_REASON_BYTES       # a rejection reason
+
+
+# the values each cap may be set to (inclusive): the smallest still admit a well-formed package
+# (one without a nested `training` field nests 2 deep), the largest are what the reader takes safely
+RANGES: dict[str, tuple[int, int]] = {
+    "package_bytes": (1024, 2 ** 32), "input_side": (28, 1024), "parameters": (1, 2 ** 31),
+    "forward_macs": (1, 10 ** 13), "label_bytes": (1, 65536), "training_bytes": (2, MAX_HEADER_BYTES),
+    "json_depth": (2, 64), "reason_bytes": (40, 4096),
+}
+SETTING: dict[str, str] = {f: "max-payload-bytes" if f == "package_bytes" else "max-" + f.replace("_", "-")
+                           for f in RANGES}
+
+DEFAULT_LIMITS = Limits()
+# what a re-read of a package the server stored itself (the zoo) is checked against: it passed
+# admission under the caps of its time, so only its format is checked again (the largest caps)
+STORED_LIMITS = Limits(**{f: hi for f, (_, hi) in RANGES.items() if f != "reason_bytes"})
+_ACTIVE: ContextVar[Limits] = ContextVar("free_dfml_limits", default=DEFAULT_LIMITS)
+
+
+def active() -> Limits:
+    """The caps the package reader applies here and now (:data:`DEFAULT_LIMITS` unless
+    :func:`applied` says otherwise)."""
+    return _ACTIVE.get()
+
+
+@contextmanager
+def applied(limits: Limits) -> Iterator[Limits]:
+    """Check packages against ``limits`` inside the block (this thread or task only)."""
+    token = _ACTIVE.set(limits)
+    try:
+        yield limits
+    finally:
+        _ACTIVE.reset(token)
+
+
+def bounded_reason(text: object, limit: int | None = None) -> str:
     """``text`` as one printable line of at most ``limit`` UTF-8 bytes: control characters, ANSI
     escapes, NUL, newlines and other non-printable characters are shown as escapes (``\\x1b``,
     ``\\n``), and a longer text is cut with an ellipsis. Cheap on any size (looks at ``limit``
     characters at most)."""
+    if limit is None:
+        limit = active().reason_bytes
     s = str(text)
     cut = len(s) > limit
     out = []

@@ -4,7 +4,8 @@
 Each check takes a JSON-decoded value and returns ``None`` when it is acceptable, else the problem
 in words (the caller raises it as a ``PackageError``, which bounds its length). Every walk is
 iterative, so no input can exhaust the interpreter's stack, and every cap comes from
-:mod:`free_dfml.common.limits`. No torch import.
+:mod:`free_dfml.common.limits` (the configurable ones from :func:`~free_dfml.common.limits.active`).
+No torch import.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ import json
 import math
 from typing import Any, Mapping
 
-from free_dfml.common.limits import (MAX_DP_FIELDS, MAX_KEY_BYTES, MAX_LABEL_BYTES, MAX_TRAINING_BYTES,
-                                     MAX_TRAINING_DEPTH)
+from free_dfml.common.limits import MAX_DP_FIELDS, MAX_KEY_BYTES, MAX_TRAINING_DEPTH, SETTING, active
 
 
 def json_depth(value: Any, limit: int) -> int:
@@ -48,17 +48,20 @@ def text_problem(s: Any, what: str, max_bytes: int) -> str | None:
 def check_labels(labels: Any, num_classes: int) -> str | None:
     if not isinstance(labels, list) or len(labels) != num_classes:
         return f"metadata class_labels must list {num_classes} strings"
+    cap = active().label_bytes
     for i, label in enumerate(labels):
-        problem = text_problem(label, f"class_labels[{i}]", MAX_LABEL_BYTES)
+        problem = text_problem(label, f"class_labels[{i}]", cap)
         if problem:
-            return problem
+            return problem + (f" ({SETTING['label_bytes']})" if "longer than" in problem else "")
     return None
 
 
 def check_training(training: Any) -> str | None:
     """The free-form ``training`` summary: an object of JSON values (numbers, printable strings,
     booleans, null, lists and objects) at most ``MAX_TRAINING_DEPTH`` deep and
-    ``MAX_TRAINING_BYTES`` serialised."""
+    ``active().training_bytes`` serialised."""
+    cap = active().training_bytes
+    name = SETTING["training_bytes"]
     if not isinstance(training, Mapping):
         return "metadata training must be an object"
     if json_depth(training, MAX_TRAINING_DEPTH) > MAX_TRAINING_DEPTH:
@@ -75,9 +78,9 @@ def check_training(training: Any) -> str | None:
         elif isinstance(v, (list, tuple)):
             stack.extend(v)
         elif isinstance(v, str):
-            if len(v) > MAX_TRAINING_BYTES:
-                return f"metadata training is over {MAX_TRAINING_BYTES} bytes"
-            problem = text_problem(v, "training value", MAX_TRAINING_BYTES)
+            if len(v) > cap:
+                return f"metadata training is over {cap} bytes ({name})"
+            problem = text_problem(v, "training value", cap)
             if problem:
                 return problem
         elif v is not None and not isinstance(v, (bool, int, float)):
@@ -86,8 +89,8 @@ def check_training(training: Any) -> str | None:
         size = len(json.dumps(training, separators=(",", ":")).encode("utf-8"))
     except (TypeError, ValueError, OverflowError):
         return "metadata training is not JSON-serialisable"
-    if size > MAX_TRAINING_BYTES:
-        return f"metadata training is {size} bytes serialised, over the {MAX_TRAINING_BYTES}-byte limit"
+    if size > cap:
+        return f"metadata training is {size} bytes serialised, over the {cap}-byte limit ({name})"
     return None
 
 

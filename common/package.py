@@ -6,7 +6,9 @@ running statistics included, ``num_batches_tracked`` left out) and, in the safet
 ``docs/model-package.md``). Nothing is ever unpickled: safetensors is a plain header + raw bytes.
 
 :func:`load_package` / :func:`package_from_tensors` validate everything and raise
-:class:`PackageError`, whose one-line message names the exact problem.
+:class:`PackageError`, whose one-line message names the exact problem. The configurable caps (size,
+input side, values, compute, label and ``training`` bytes, JSON depth) are those of
+:func:`free_dfml.common.limits.active`; a message about one names its server setting.
 """
 
 from __future__ import annotations
@@ -27,9 +29,8 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from free_dfml.common.files import atomic_write_bytes
-from free_dfml.common.limits import (MAX_ABS_MEAN, MAX_ABS_WEIGHT, MAX_FORWARD_MACS, MAX_HEADER_BYTES,
-                                     MAX_JSON_DEPTH, MAX_PACKAGE_BYTES, MAX_PARAMETERS, MAX_SIDE, MAX_STD,
-                                     MIN_SIDE, MIN_STD, PROBE_SEED, bounded_reason)
+from free_dfml.common.limits import (MAX_ABS_MEAN, MAX_ABS_WEIGHT, MAX_HEADER_BYTES, MAX_STD, MIN_SIDE, MIN_STD,
+                                     PROBE_SEED, SETTING, active, bounded_reason)
 from free_dfml.common.metadata import check_dp, check_labels, check_training, json_depth
 from free_dfml.common.models import (ArchitectureError, Normalized, build_model, check_arch_kwargs,
                                      forward_macs)
@@ -45,7 +46,7 @@ META_KEYS = frozenset({"format", "format_version", "arch", "arch_kwargs", "num_c
 
 class PackageError(ValueError):
     """A model package that cannot be accepted; the message says exactly why, on one printable line
-    of at most ``limits.MAX_REASON_BYTES`` bytes (whatever the package put in it)."""
+    of at most the active reason cap (``limits.active().reason_bytes``, default 300) bytes."""
 
     def __init__(self, message: object = "") -> None:
         super().__init__(bounded_reason(message))
@@ -151,6 +152,13 @@ def _int(v: Any, what: str, lo: int, hi: int) -> int:
     return v
 
 
+def _side(v: Any, which: str, cap: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not MIN_SIDE <= v <= cap:
+        raise PackageError(f"metadata input_shape {which} must be an integer in {MIN_SIDE}..{cap}, got {v!r} "
+                           f"({SETTING['input_side']} {cap})")
+    return v
+
+
 def _f32(v: float) -> float:
     """``v`` as float32 stores it (inf past float32's range, 0.0 below its smallest subnormal)."""
     try:
@@ -178,17 +186,21 @@ def _normalisation(vals: Any, name: str, c: int) -> tuple[float, ...]:
     return out
 
 
+def _too_deep(what: str) -> PackageError:
+    return PackageError(f"{what} is nested deeper than {active().json_depth} levels ({SETTING['json_depth']})")
+
+
 def parse_json(text: str | bytes, what: str = "free-dfml metadata") -> Any:
     """``json.loads`` whose every failure (bad bytes, bad JSON, nesting past the interpreter's
-    stack or past ``MAX_JSON_DEPTH``) is a :class:`PackageError`."""
+    stack or past the JSON depth cap) is a :class:`PackageError`."""
     try:
         doc = json.loads(text)
     except RecursionError:
-        raise PackageError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels") from None
+        raise _too_deep(what) from None
     except (TypeError, ValueError):      # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise PackageError(f"{what} is not valid JSON") from None
-    if json_depth(doc, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
-        raise PackageError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
+    if json_depth(doc, active().json_depth) > active().json_depth:
+        raise _too_deep(what)
     return doc
 
 
@@ -196,8 +208,9 @@ def parse_meta(doc: Mapping[str, Any]) -> ModelMeta:
     """Validate a metadata document (already JSON-decoded) into a :class:`ModelMeta`."""
     if not isinstance(doc, Mapping):
         raise PackageError("metadata must be a JSON object")
-    if json_depth(doc, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
-        raise PackageError(f"metadata is nested deeper than {MAX_JSON_DEPTH} levels")
+    limits = active()
+    if json_depth(doc, limits.json_depth) > limits.json_depth:
+        raise _too_deep("metadata")
     if "format" not in doc:
         raise PackageError(f"metadata has no 'format' key (expected {FORMAT!r})")
     if doc["format"] != FORMAT:
@@ -230,8 +243,8 @@ def parse_meta(doc: Mapping[str, Any]) -> ModelMeta:
     c = _int(shape[0], "input_shape C", 1, 3)
     if c == 2:
         raise PackageError("metadata input_shape C must be 1 or 3, got 2")
-    h = _int(shape[1], "input_shape H", MIN_SIDE, MAX_SIDE)
-    w = _int(shape[2], "input_shape W", MIN_SIDE, MAX_SIDE)
+    h = _side(shape[1], "H", limits.input_side)
+    w = _side(shape[2], "W", limits.input_side)
     if h != w:
         raise PackageError(f"metadata input_shape must be square, got {h}x{w}")
     if h < 28:
@@ -257,12 +270,13 @@ def parse_meta(doc: Mapping[str, Any]) -> ModelMeta:
         net = _skeleton(meta)
     what = f"{arch} {arch_kwargs} with {num_classes} classes at {h} px"
     values = sum(v.numel() for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked"))
-    if values > MAX_PARAMETERS:
-        raise PackageError(f"{what} stores {values} values, over the limit of {MAX_PARAMETERS}")
+    if values > limits.parameters:
+        raise PackageError(f"{what} stores {values} values, over the limit of {limits.parameters} "
+                           f"({SETTING['parameters']})")
     macs = forward_macs(net, meta.input_shape)
-    if macs > MAX_FORWARD_MACS:
+    if macs > limits.forward_macs:
         raise PackageError(f"{what} costs {macs / 1e9:.2f} G multiply-accumulates an image, over the "
-                           f"limit of {MAX_FORWARD_MACS / 1e9:g} G")
+                           f"limit of {limits.forward_macs / 1e9:g} G ({SETTING['forward_macs']})")
     return meta
 
 
@@ -348,9 +362,15 @@ def _header_meta(data: bytes) -> dict[str, Any]:
     return parse_json(meta)
 
 
-def package_from_bytes(data: bytes, *, max_bytes: int = MAX_PACKAGE_BYTES) -> ModelPackage:
+def _over_size(size: int, max_bytes: int) -> PackageError:
+    return PackageError(f"package is {size} bytes, over the {max_bytes}-byte limit ({SETTING['package_bytes']})")
+
+
+def package_from_bytes(data: bytes, *, max_bytes: int | None = None) -> ModelPackage:
+    """A package from a file's bytes, checked against ``max_bytes`` (default: the active cap)."""
+    max_bytes = active().package_bytes if max_bytes is None else max_bytes
     if len(data) > max_bytes:
-        raise PackageError(f"package is {len(data)} bytes, over the {max_bytes}-byte limit")
+        raise _over_size(len(data), max_bytes)
     doc = _header_meta(data)
     meta = parse_meta(doc)
     try:
@@ -360,7 +380,7 @@ def package_from_bytes(data: bytes, *, max_bytes: int = MAX_PACKAGE_BYTES) -> Mo
     return package_from_tensors(state, meta)
 
 
-def load_package(path: str | os.PathLike, *, max_bytes: int = MAX_PACKAGE_BYTES) -> ModelPackage:
+def load_package(path: str | os.PathLike, *, max_bytes: int | None = None) -> ModelPackage:
     """Read and validate a package file. Raises :class:`PackageError` (never anything else for bad input)."""
     p = Path(path)
     if not p.exists():
@@ -368,8 +388,9 @@ def load_package(path: str | os.PathLike, *, max_bytes: int = MAX_PACKAGE_BYTES)
     if not p.is_file():
         raise PackageError(f"not a file: {p}")
     size = p.stat().st_size
+    max_bytes = active().package_bytes if max_bytes is None else max_bytes
     if size > max_bytes:
-        raise PackageError(f"package is {size} bytes, over the {max_bytes}-byte limit")
+        raise _over_size(size, max_bytes)
     return package_from_bytes(p.read_bytes(), max_bytes=max_bytes)
 
 

@@ -61,7 +61,7 @@ def start(
     tls_ca: Optional[Path] = typer.Option(None, "--tls-ca", help="CA certificate (PEM) that signed --tls-cert"),
     insecure: bool = typer.Option(False, "--insecure", help="allow a non-loopback address without TLS"),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML/JSON server settings (+ \\[free] table)"),
-    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto|cpu|cuda (default auto)"),
     preset: Optional[str] = typer.Option(None, "--preset", help="preset whose FREE settings to use: tiny|demo|quick|paper (default quick)"),
     max_iterations: Optional[int] = typer.Option(None, "--max-iterations", help="stop training after N (0: never)"),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="checkpoint every N iterations"),
@@ -77,7 +77,7 @@ def start(
 ) -> None:
     """Start the SuperLink + FREE ServerApp on a state folder (resuming what it holds)."""
     host, port = parse_address(address)
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+    if device is not None and device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise CliError(f"--device must be auto, cpu or cuda, got {device!r}")
     tls = [tls_cert, tls_key, tls_ca]
     if any(tls) and not all(tls):

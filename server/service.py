@@ -33,7 +33,7 @@ from typing import Any, Iterable, Protocol
 
 from flwr.app import Message
 
-from free_dfml.common.limits import bounded_reason
+from free_dfml.common.limits import applied, bounded_reason
 from free_dfml.common.package import PackageError
 from free_dfml.common.processes import pid_alive
 from free_dfml.common.wire import ack_message, content_to_package, describe_content, query_message
@@ -93,6 +93,11 @@ class FreeServer:
 
     # ------------------------------------------------------------------------------ replies
     def handle_reply(self, reply: Message, node_id: int) -> dict[str, Any]:
+        """Check, store and log one reply under the configured admission caps (the max-* settings)."""
+        with applied(self.settings.limits()):
+            return self._handle_reply(reply, node_id)
+
+    def _handle_reply(self, reply: Message, node_id: int) -> dict[str, Any]:
         self.replies += 1
         entry: dict[str, Any] = {"node": node_id}
         if reply.has_error():

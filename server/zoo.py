@@ -27,6 +27,7 @@ from pathlib import Path
 from torch import nn
 
 from free_dfml.common.files import atomic_write_bytes
+from free_dfml.common.limits import STORED_LIMITS, applied
 from free_dfml.common.package import (ModelMeta, ModelPackage, PackageError, _header_meta, load_package,
                                       package_from_tensors, parse_meta)
 from free_dfml.server.quarantine import Quarantine
@@ -178,16 +179,19 @@ class Zoo:
                     raise PackageError("not a safetensors file (too short)")
                 (n,) = struct.unpack("<Q", head)
                 data = head + f.read(min(n, 1024 * 1024))
-            meta = parse_meta(_header_meta(data))
+            with applied(STORED_LIMITS):      # admitted under the caps of its time: the format only
+                meta = parse_meta(_header_meta(data))
             self._metas[model_id] = meta
             return meta
 
     def package(self, model_id: str) -> ModelPackage:
-        """The stored package, re-validated with :func:`load_package`."""
+        """The stored package, re-validated with :func:`load_package` (its format: the admission
+        caps, which may have changed since it was admitted, are not applied again)."""
         path = self._path(model_id)
         if model_id not in self._known and not path.exists():
             raise KeyError(f"no model {model_id!r} in the zoo")
-        pkg = load_package(path)
+        with applied(STORED_LIMITS):          # admitted under the caps of its time: the format only
+            pkg = load_package(path)
         if pkg.model_id != model_id:
             raise PackageError(f"stored package {path.name} does not match its id (corrupt file)")
         return pkg

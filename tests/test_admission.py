@@ -246,3 +246,53 @@ def test_hostile_packages_rejected_by_the_service(tmp_path):
     assert len(acks) == len(cases) + 1
     for m in acks:
         _one_bounded_line(wire.ack_document(m)["reason"])
+
+
+def _serve_one(tmp_path, name: str, content, **settings) -> dict:
+    """``content`` sent by one node to a fresh ingest service with ``settings``: its log entry."""
+    grid = FakeGrid()
+    grid.nodes[1] = lambda msg: Message(content, reply_to=msg) if msg.metadata.message_type == wire.QUERY else None
+    srv = make_server(tmp_path / name, grid, **settings)
+    srv.poll_once()
+    (entry,) = srv.state.submissions()
+    return entry
+
+
+def test_configured_caps_are_the_ones_the_service_applies(tmp_path):
+    """Each admission cap lowered just below an honest package (that the defaults accept) rejects it
+    with a reason naming the cap's setting; a raised cap admits a package the default refuses, and
+    the zoo reads it back (stored packages are not held to today's caps again)."""
+    from free_dfml.common.models import build_model
+    state, doc = hostile.valid()
+    doc["training"] = {"epochs": 1, "data": {"name": "glyphs"}}          # nests the document 3 deep
+    honest = hostile.as_content(hostile.Hostile(state, doc, ""))
+    assert _serve_one(tmp_path, "default", honest)["event"] == "accepted"
+    with torch.device("meta"):
+        net = build_model("conv4", num_classes=5, image_size=32, width=8)
+    values = sum(v.numel() for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked"))
+    payload = sum(t.numel() * 4 for t in state.values())
+    for setting, value, reason in (
+            ("max_payload_bytes", payload - 1, f"over the {payload - 1}-byte limit"),
+            ("max_input_side", 28, r"input_shape H must be an integer in 8\.\.28, got 32 \(max-input-side 28\)"),
+            ("max_parameters", values - 1, rf"stores {values} values, over the limit of {values - 1} "
+                                           r"\(max-parameters\)"),
+            ("max_forward_macs", forward_macs(net, (3, 32, 32)) - 1, r"\(max-forward-macs\)"),
+            ("max_label_bytes", 6, r"class_labels\[0\] is longer than 6 bytes \(max-label-bytes\)"),
+            ("max_training_bytes", 20, r"over the 20-byte limit \(max-training-bytes\)"),
+            ("max_json_depth", 2, r"nested deeper than 2 levels \(max-json-depth\)")):
+        entry = _serve_one(tmp_path, setting, honest, **{setting: value})
+        assert entry["event"] == "rejected" and re.search(reason, entry["reason"]), (setting, entry["reason"])
+    long = _serve_one(tmp_path, "reason", hostile.as_content(hostile.PACKAGE_CASES["huge_mean"]()),
+                      max_reason_bytes=60)
+    assert long["event"] == "rejected" and len(long["reason"].encode()) <= 60 and long["reason"].endswith("...")
+    with limits.applied(limits.Limits(input_side=160)):     # over the default 128 px: refused, unless raised
+        state, doc = hostile.valid(side=160)
+    big = hostile.as_content(hostile.Hostile(state, doc, ""))
+    assert "(max-input-side 128)" in _serve_one(tmp_path, "big-default", big)["reason"]
+    entry = _serve_one(tmp_path, "big-raised", big, max_input_side=160)
+    assert entry["event"] == "accepted"
+    from free_dfml.server.zoo import Zoo
+    zoo = Zoo(tmp_path / "big-raised" / "state" / "zoo")      # another process's view: default caps
+    assert zoo.meta(entry["model_id"]).input_shape == (3, 160, 160)
+    assert zoo.package(entry["model_id"]).model_id == entry["model_id"]
+    assert limits.active() == limits.DEFAULT_LIMITS           # the service's caps stayed inside it

@@ -281,3 +281,57 @@ def test_bad_certificate_files_fail_at_once_naming_the_file(capsys, tmp_path, go
         bad = {"--tls-cert": tls[0], "--tls-key": tls[1], "--tls-ca": tls[2]}[option]
         one_line_error(err, option, str(bad), needle)
     assert not state.exists()
+
+
+@pytest.mark.parametrize("text,flags,line", [
+    ('[server]\nmin-models = "lots"\n', [], 'config error: [server] min-models = "lots": expected an integer >= 1'),
+    ("min_models = 0\n", [], "config error: [server] min_models = 0: expected an integer >= 1"),
+    ('[free]\nway = "five"\n', [], 'config error: [free] way = "five": expected an integer'),
+    ("[free.learner]\nway = 1\n", [], "config error: [free] learner.way = 1: expected an integer >= 2"),
+    ("[free]\ninversion_jitter = 1.5\n", [],
+     "[free] generator.jitter (inversion_jitter) = 1.5: expected an integer"),
+    ('poll-interval = "fast"\n', [], 'config error: [server] poll-interval = "fast": expected a number'),
+    ('require-dp = "yes"\n', [], 'config error: [server] require-dp = "yes": expected true or false'),
+    ('device = "tpu"\n', [], 'config error: [server] device = "tpu": expected one of auto, cpu, cuda, cuda:N'),
+    ("[server]\nmax-parameters = -5\n", [],
+     "config error: [server] max-parameters = -5: expected an integer in 1..2147483648"),
+    ('[limits]\nx = 1\n', [], "unknown setting 'limits'"),
+    ("", ["--min-models", "0"], "config error: --min-models = 0: expected an integer >= 1"),
+    ("", ["--max-epsilon", "-1"], "config error: --max-epsilon = -1.0: expected a number >= 0 (0: no bound)"),
+    ("max-iterations = 5\n[server]\nmax-iterations = 6\n", [], "max-iterations is given twice"),
+])
+def test_mistyped_config_values_fail_at_once_naming_the_key(capsys, monkeypatch, tmp_path, text, flags, line):
+    """A value of the wrong type or out of range, in the config file or on the command line, stops
+    `free-server start` before anything starts, in one line naming the key (not on every poll)."""
+    from free_dfml.server import supervisor
+
+    def never(*a, **k):
+        raise AssertionError("the server was started")
+    monkeypatch.setattr(supervisor, "Supervisor", never)
+    monkeypatch.setattr(supervisor, "start_detached", never)
+    cfg = tmp_path / "server.toml"
+    cfg.write_text(text)
+    code, _, err = cli(capsys, "free-server", "start", "--state", tmp_path / "state", "--config", cfg, *flags)
+    assert code == 2
+    one_line_error(err, line)
+    assert not (tmp_path / "state").exists()
+
+
+def test_config_file_settings_and_caps_reach_the_server_settings(tmp_path):
+    """The loader itself: a [server] table and top-level keys, the admission caps among them, and
+    [free] overrides; the FREE config is checked with the same key-naming errors free-sim and
+    benchmarks get from common/config.py."""
+    from free_dfml.common.config import ConfigError, FreeConfig
+    from free_dfml.server.settings import load_config_file, settings_from
+    from free_dfml.server.state import StateDir
+    cfg = tmp_path / "server.json"
+    cfg.write_text('{"min-models": 3, "server": {"max-input-side": 84, "max_payload_bytes": 2048},'
+                   ' "free": {"learner": {"width": 16}}}')
+    s = settings_from(StateDir(tmp_path / "s"), load_config_file(cfg), max_iterations=7, preset=None)
+    assert (s.min_models, s.max_iterations, s.free_config) == (3, 7, {"learner": {"width": 16}})
+    lim = s.limits()
+    assert (lim.input_side, lim.package_bytes, lim.parameters) == (84, 2048, 16_000_000)
+    with pytest.raises(ConfigError, match=r'^way = "five": expected an integer$'):
+        FreeConfig.preset("tiny", way="five")
+    with pytest.raises(ConfigError, match=r"^generator\.lr = 0: expected a number > 0$"):
+        FreeConfig.preset("tiny", generator={"lr": 0})
