@@ -29,8 +29,8 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from free_dfml.common.files import atomic_write_bytes
-from free_dfml.common.limits import (MAX_ABS_MEAN, MAX_ABS_WEIGHT, MAX_HEADER_BYTES, MAX_STD, MIN_SIDE, MIN_STD,
-                                     PROBE_SEED, SETTING, active, bounded_reason)
+from free_dfml.common.limits import (MAX_ABS_MEAN, MAX_ABS_WEIGHT, MAX_HEADER_BYTES, MAX_PACKAGE_BYTES,  # noqa: F401
+                                     MAX_STD, MIN_SIDE, MIN_STD, PROBE_SEED, SETTING, active, bounded_reason)
 from free_dfml.common.metadata import check_dp, check_labels, check_training, json_depth
 from free_dfml.common.models import (ArchitectureError, Normalized, build_model, check_arch_kwargs,
                                      forward_macs)
