@@ -102,6 +102,8 @@ def start(
     cfg_doc = load_config_file(config) if config is not None else {}
     if threads is not None and threads < 0:
         raise CliError("--threads must be >= 0")
+    if not startup_timeout > 0:
+        raise CliError(f"--startup-timeout must be > 0, got {startup_timeout:g}")
     settings = settings_from(state, cfg_doc, device=device, preset=preset, max_iterations=max_iterations,
                              checkpoint_every=checkpoint_every, min_models=min_models, threads=threads,
                              require_dp=require_dp or None, max_epsilon=max_epsilon)

@@ -103,6 +103,8 @@ def test_client_bad_input(capsys, tmp_path, good_package, argv, needle):
     (["start", "--tls-cert", "MISSING"], "--tls-key"),
     (["start", "--tls-cert", "MISSING", "--tls-key", "MISSING", "--tls-ca", "MISSING"], "no such file"),
     (["start", "--device", "tpu"], "--device"),
+    (["start", "--startup-timeout", "0"], "--startup-timeout must be > 0"),
+    (["start", "--max-iterations", "-1"], "config error: --max-iterations = -1: expected an integer >= 0"),
     (["start", "--preset", "huge"], "preset"),
     (["start", "--config", "MISSING"], "no such config file"),
     (["status", "--state", "NOSTATE"], "no state folder"),
