@@ -80,15 +80,14 @@ class ServerSettings:
         with dashes, as in the config file)."""
         for f in fields(self):
             v, key = getattr(self, f.name), f.name.replace("_", "-")
-            default = {} if f.name == "free_config" else f.default
-            if f.name == "free_config":
+            if f.name == "free_config":       # its values: FreeConfig's own checks
                 if not isinstance(v, dict):
                     raise ConfigError("free", v, "a table of FREE settings")
                 continue
             rule = _RANGE.get(f.name)
-            if type_problem(default, v) or (rule and not rule[0](v)):
+            if type_problem(f.default, v) or (rule and not rule[0](v)):
                 words = rule[1] if rule and rule[1].startswith("one of") else \
-                    f"{_KIND[type(default)]} {rule[1] if rule else ''}".strip()
+                    f"{_KIND[type(f.default)]} {rule[1] if rule else ''}".strip()
                 raise ConfigError(key, v, words)
 
     def to_run_config(self) -> dict[str, Any]:
