@@ -146,16 +146,11 @@ def _num(v: Any, what: str) -> float:
     return float(v)
 
 
-def _int(v: Any, what: str, lo: int, hi: int) -> int:
+def _int(v: Any, what: str, lo: int, hi: int, setting: str = "") -> int:
+    """``setting``: the server setting that sets ``hi`` (named in the reason)."""
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise PackageError(f"metadata {what} must be an integer in {lo}..{hi}, got {v!r}")
-    return v
-
-
-def _side(v: Any, which: str, cap: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or not MIN_SIDE <= v <= cap:
-        raise PackageError(f"metadata input_shape {which} must be an integer in {MIN_SIDE}..{cap}, got {v!r} "
-                           f"({SETTING['input_side']} {cap})")
+        raise PackageError(f"metadata {what} must be an integer in {lo}..{hi}, got {v!r}"
+                           + (f" ({setting} {hi})" if setting else ""))
     return v
 
 
@@ -243,8 +238,8 @@ def parse_meta(doc: Mapping[str, Any]) -> ModelMeta:
     c = _int(shape[0], "input_shape C", 1, 3)
     if c == 2:
         raise PackageError("metadata input_shape C must be 1 or 3, got 2")
-    h = _side(shape[1], "H", limits.input_side)
-    w = _side(shape[2], "W", limits.input_side)
+    h = _int(shape[1], "input_shape H", MIN_SIDE, limits.input_side, SETTING["input_side"])
+    w = _int(shape[2], "input_shape W", MIN_SIDE, limits.input_side, SETTING["input_side"])
     if h != w:
         raise PackageError(f"metadata input_shape must be square, got {h}x{w}")
     if h < 28:
