@@ -4,19 +4,34 @@ folder, supervised until a stop.
 :class:`Supervisor` starts ``flower-superlink`` (database in the state folder), writes the Flower app
 (``STATE/app/pyproject.toml``, the settings as its run config) and a private Flower home
 (``STATE/flwr-home``), submits the ServerApp with ``flwr run``, waits until its status says it
-serves, then resubmits it if it exits on its own (3 times at most). On SIGTERM/SIGINT it writes
+serves, then resubmits it if it exits on its own, and restarts the SuperLink (then resubmits) if
+that exits (3 times in a row at most). On SIGTERM/SIGINT it writes
 ``stop.request``, waits for the ServerApp to checkpoint, and stops the SuperLink with every
 descendant. ``server.json`` records pids, address and phase throughout.
+
+The SuperLink keeps its state in memory (no SQLite file whose write lock concurrent uploads
+contend for; what the server accepted is durable in the state folder's zoo, not in the SuperLink),
+except with node authentication, whose registrations must survive a restart
+(``STATE/superlink.db``). It is started so that it dies with the supervisor (Linux
+``PR_SET_PDEATHSIG``; its SuperExec and the ServerApp watch their parents), and a start on a state
+folder first stops what a killed server left there (pids in ``server.json``). A busy
+``--address`` fails at once, naming the port. The SuperLink's output goes to
+``logs/superlink.log``, rotated by size.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import logging
+import logging.handlers
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,8 +44,58 @@ from free_dfml.server.state import StateDir, atomic_write_json
 
 APP_NAME = "free-dfml-server"
 CONNECTION = "free-server"       # the `flwr` connection name in STATE/flwr-home/config.toml
-MAX_RESUBMITS = 3
+MAX_RESUBMITS = 3                # in a row, each within HEALTHY_S of the last
+HEALTHY_S = 120.0
 STOP_WAIT_S = 180.0              # how long a stop waits for the ServerApp's checkpoint
+IN_MEMORY_DB = ":flwr-in-memory:"  # flwr's name for an in-memory SuperLink state
+LOG_BYTES = 10 * 2 ** 20         # logs/superlink.log rotates at this size, LOG_BACKUPS kept
+LOG_BACKUPS = 3
+
+
+def rotating_log(path: Path, max_bytes: int = LOG_BYTES, backups: int = LOG_BACKUPS) -> logging.Logger:
+    """A logger writing bare lines to ``path``, rotated by size (``path.1`` ... ``path.N``)."""
+    lg = logging.getLogger(f"free_dfml.file.{path}")
+    if not lg.handlers:
+        h = logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+        h.setFormatter(logging.Formatter("%(message)s"))
+        lg.addHandler(h)
+        lg.setLevel(logging.INFO)
+        lg.propagate = False
+    return lg
+
+
+def copy_lines(stream, path: Path) -> threading.Thread:
+    """A daemon thread copying ``stream``'s lines (a child's stdout) to a size-rotated log file."""
+    lg = rotating_log(path)
+
+    def run() -> None:
+        for raw in iter(stream.readline, b""):
+            lg.info(raw.decode("utf-8", "replace").rstrip("\n"))
+        stream.close()
+    t = threading.Thread(target=run, name=f"log-{path.name}", daemon=True)
+    t.start()
+    return t
+
+
+def check_port_free(host: str, port: int) -> None:
+    """A CliError naming the port when ``host:port`` cannot be bound (another server holds it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host or "0.0.0.0", port))
+        except OSError as e:
+            what = "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be bound ({e.strerror})"
+            raise CliError(f"port {port} on {host} {what}: choose another --address", 1) from None
+
+
+def die_with_parent() -> None:
+    """In a child before exec: SIGTERM it when the process that started it dies (Linux; elsewhere
+    the next start's stale-process cleanup stops it)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)    # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def wait_port(host: str, port: int, proc: subprocess.Popen | None, timeout: float) -> None:
@@ -159,9 +224,14 @@ class Supervisor:
     def _on_signal(self, signum, _frame) -> None:
         self.signal = signum
 
+    @property
+    def database(self) -> str:
+        """In memory, unless node registrations must persist (node authentication)."""
+        return str(self.state.database) if self.node_auth else IN_MEMORY_DB
+
     def superlink_command(self) -> list[str]:
         cmd = [venv_exe("flower-superlink"), "--disable-runtime-dependency-installation",
-               "--database", str(self.state.database), "--host", self.host, "--port", str(self.port)]
+               "--database", self.database, "--host", self.host, "--port", str(self.port)]
         if self.secure:
             cmd += ["--ssl-certfile", str(self.tls[0]), "--ssl-keyfile", str(self.tls[1]),
                     "--ssl-ca-certfile", str(self.tls[2])]
@@ -180,6 +250,11 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         cleanup_stale(state)
+        try:
+            check_port_free(self.host, self.port)
+        except CliError as e:
+            log(state, f"error: {e}")
+            return e.code
         state.clear_stop()
         state.write_pid()
         atomic_write_json(state.config_path, self.settings.to_dict())
@@ -187,13 +262,10 @@ class Supervisor:
         control_host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         control = f"[{control_host}]:{self.port}" if ":" in control_host else f"{control_host}:{self.port}"
         write_flwr_home(state, control, self.tls[2])
-        sl_log = open(state.logs_dir / "superlink.log", "ab")
         self.record = {"pid": os.getpid(), "address": f"{self.host}:{self.port}", "tls": self.secure,
                        "node_auth": bool(self.node_auth), "state": str(state.root), "started_at": time.time(),
                        "phase": "starting"}
-        self.superlink = subprocess.Popen(self.superlink_command(), stdout=sl_log, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, env=self.env)
-        self._update(superlink_pid=self.superlink.pid)
+        self._start_superlink()
         code = 0
         try:
             self._start_serverapp()
@@ -204,6 +276,12 @@ class Supervisor:
         finally:
             self._stop()
         return code
+
+    def _start_superlink(self) -> None:
+        self.superlink = subprocess.Popen(self.superlink_command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, env=self.env, preexec_fn=die_with_parent)
+        copy_lines(self.superlink.stdout, self.state.logs_dir / "superlink.log")     # size-rotated
+        self._update(superlink_pid=self.superlink.pid)
 
     def _start_serverapp(self) -> None:
         """SuperLink port open, run submitted, the ServerApp's status written: the server is up."""
@@ -228,25 +306,38 @@ class Supervisor:
                    f"run {self.run_id}, state {state.root}")
 
     def _supervise(self) -> int:
-        """Until a signal: resubmit the ServerApp when it exits on its own; 1 when that keeps happening
-        or the SuperLink exits."""
-        state, superlink = self.state, self.superlink
+        """Until a signal: resubmit the ServerApp when it exits on its own (killed included), restart
+        the SuperLink (and resubmit) when it exits; 1 when either keeps happening (more than
+        ``MAX_RESUBMITS`` times with less than ``HEALTHY_S`` of service in between)."""
+        state = self.state
         resubmits = 0
         resubmitted_at = 0.0
         while self.signal is None:
-            if superlink.poll() is not None:
-                log(state, f"flower-superlink exited with code {superlink.returncode}; stopping")
-                return 1
+            if self.superlink.poll() is not None:
+                code = self.superlink.returncode
+                resubmits = 0 if time.time() - resubmitted_at > HEALTHY_S else resubmits + 1
+                if resubmits > MAX_RESUBMITS:
+                    log(state, f"flower-superlink keeps exiting (code {code}); stopping")
+                    return 1
+                log(state, f"flower-superlink exited with code {code}; starting it again")
+                stop_process_tree(self.superlink, timeout=10)     # its SuperExec, if still there
+                self._start_superlink()
+                wait_port(self.host, self.port, self.superlink, self.timeout)
+                self.run_id = submit_run(state, self.env)
+                resubmitted_at = time.time()
+                self._update(run_id=self.run_id)
+                continue
             st = state.read_status() or {}
             sp = st.get("serverapp_pid")
             if st.get("run_id") != self.run_id and time.time() - resubmitted_at < self.timeout:
                 time.sleep(0.5)       # the resubmitted ServerApp has not written its status yet
                 continue
-            if st.get("phase") in ("stopped", "finished") and sp and not pid_alive(sp) and not state.stop_requested():
-                if resubmits >= MAX_RESUBMITS:
+            # gone without a stop request: exited, crashed or killed (its phase may still say running)
+            if sp and not pid_alive(sp) and not state.stop_requested():
+                resubmits = 0 if time.time() - resubmitted_at > HEALTHY_S else resubmits + 1
+                if resubmits > MAX_RESUBMITS:
                     log(state, "the ServerApp keeps exiting; stopping")
                     return 1
-                resubmits += 1
                 log(state, "the ServerApp exited; submitting it again")
                 self.run_id = submit_run(state, self.env)
                 resubmitted_at = time.time()
