@@ -44,6 +44,9 @@ PACKAGE_FIELD = "package"    # ModelMeta JSON inside META_KEY
 ID_FIELD = "model-id"        # sha256 of the weights inside META_KEY
 META_FIELDS = frozenset({PACKAGE_FIELD, ID_FIELD})
 ERR_INVALID_PACKAGE = 100    # Error.code of a client-side refusal (our own range, above Flower's)
+# Flower's Error.codes for a message lost on the way (flwr.common.constant.ErrorCode: MESSAGE_,
+# REPLY_MESSAGE_ and NODE_UNAVAILABLE): not the client's answer, the server asks again
+TRANSPORT_ERRORS = frozenset({3, 4, 5})
 # the Flower app's components that speak this protocol (as `flwr run` names them in pyproject.toml)
 SERVERAPP_COMPONENT = "free_dfml.server.server_app:app"
 CLIENTAPP_COMPONENT = "free_dfml.client.client_app:app"
@@ -120,15 +123,10 @@ def package_reply(msg: Message, pkg_or_path: "ModelPackage | str | os.PathLike")
 _ST_DTYPES = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "I64": np.int64, "I32": np.int32}
 
 
-def unverified_content(path: str | os.PathLike) -> RecordDict:
-    """``free-client submit --no-verify``: the file's tensors and metadata as they are, unchecked.
-
-    For testing a server's defences: every tensor whose bytes are present in the file is sent
-    (a truncated file loses its last tensors), the metadata string is sent verbatim. Still only
-    the ``model`` and ``meta`` records.
-    """
-    data = Path(path).read_bytes()
-    arrays, meta_json = ArrayRecord(), "{}"
+def _read_safetensors(data: bytes) -> tuple[ArrayRecord, str, set[str]]:
+    """A safetensors file's readable tensors (numpy, no torch), its free-dfml metadata string as it
+    is, and the dtypes of its tensors."""
+    arrays, meta_json, dtypes = ArrayRecord(), "{}", set()
     if len(data) >= 8:
         n = int.from_bytes(data[:8], "little")
         try:
@@ -141,13 +139,46 @@ def unverified_content(path: str | os.PathLike) -> RecordDict:
             for name, info in header.items():
                 if name == "__metadata__" or not isinstance(info, dict):
                     continue
+                dtypes.add(str(info.get("dtype")))
                 dt = _ST_DTYPES.get(info.get("dtype"))
                 start, end = (info.get("data_offsets") or [0, -1])[:2]
                 if dt is None or base + end > len(data) or end < start:
                     continue
                 arr = np.frombuffer(data[base + start: base + end], dtype=dt).reshape(info.get("shape", [-1]))
                 arrays[name] = Array(np.array(arr))
+    return arrays, meta_json, dtypes
+
+
+def unverified_content(path: str | os.PathLike) -> RecordDict:
+    """``free-client submit --no-verify``: the file's tensors and metadata as they are, unchecked.
+
+    For testing a server's defences: every tensor whose bytes are present in the file is sent
+    (a truncated file loses its last tensors), the metadata string is sent verbatim. Still only
+    the ``model`` and ``meta`` records.
+    """
+    arrays, meta_json, _ = _read_safetensors(Path(path).read_bytes())
     return RecordDict({MODEL_KEY: arrays, META_KEY: ConfigRecord({PACKAGE_FIELD: meta_json})})
+
+
+def checked_file_reply(msg: Message, path: str | os.PathLike, model_id: str) -> Message | None:
+    """The reply for a package file that ``free-client submit`` has just validated (its id
+    ``model_id``): its float32 tensors and metadata read with numpy, so the ClientApp process
+    never imports torch. None when the file is not plain float32 (the caller validates it again);
+    an error reply when it is over the query's size cap. The server checks everything again."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        return error_reply(msg, f"client refused to send its model: cannot read {path}: {e.strerror}")
+    arrays, meta_json, dtypes = _read_safetensors(data)
+    if dtypes != {"F32"}:
+        return None
+    size = sum(len(a.data) for a in arrays.values())
+    limit = request_max_bytes(msg)
+    if size > limit:
+        return error_reply(msg, f"client refused to send its model: package weights are {size} bytes, "
+                                f"over the server's {limit}-byte limit")
+    meta = ConfigRecord({PACKAGE_FIELD: meta_json, ID_FIELD: str(model_id)})
+    return Message(RecordDict({MODEL_KEY: arrays, META_KEY: meta}), reply_to=msg)
 
 
 # ------------------------------------------------------------------------------ the server's checks

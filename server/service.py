@@ -14,6 +14,14 @@ Loop (every ``poll-interval`` seconds), in the calling thread (the ServerApp's m
    (:class:`~free_dfml.server.training_runner.TrainerRunner`), resuming the state folder's checkpoint;
 4. ``status.json`` is rewritten (atomically) every ``status-every`` seconds.
 
+Replies are pulled one message id per call in a small pool of worker threads, and a poll waits at
+most ``PULL_WAIT_S`` for them: a reply whose upload stalled (its sender died half-way; Flower's
+pull then waits for the missing objects until its push session expires) holds one worker, not
+the loop, so other nodes are still asked, checked and acknowledged. A reply that Flower itself
+turned into an error (its objects never arrived) is a transport failure, not the client's
+answer: it is logged, not counted, and the node is asked again while it stays connected; so is a
+node whose query has waited ``REASK_S``.
+
 Every Flower call to the SuperLink goes through flwr's retry invoker, which retries a failed or
 timed-out call (30 s per attempt) for as long as it takes. A watchdog thread therefore covers the
 main loop while it waits: once a poll has lasted ``LINK_STALL_S`` seconds it keeps ``status.json``
@@ -29,6 +37,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Iterable, Protocol
 
 from flwr.app import Message
@@ -36,7 +45,8 @@ from flwr.app import Message
 from free_dfml.common.limits import applied, bounded_reason
 from free_dfml.common.package import PackageError
 from free_dfml.common.processes import pid_alive
-from free_dfml.common.wire import ack_message, content_to_package, describe_content, query_message
+from free_dfml.common.wire import (TRANSPORT_ERRORS, ack_message, content_to_package, describe_content,
+                                   query_message)
 from free_dfml.server.policy import admission_refusal
 from free_dfml.server.settings import ServerSettings
 from free_dfml.server.state import StateDir, build_status, read_json
@@ -46,6 +56,9 @@ from free_dfml.server.zoo import Zoo
 LOG = logging.getLogger("free_dfml.server")
 NODE_GONE_S = 60.0        # forget a pending query whose node has left for this long
 LINK_STALL_S = 5.0        # a poll running this long counts as a stalled SuperLink link
+REASK_S = 180.0           # a connected node whose query has had no reply this long is asked again
+PULL_WAIT_S = 2.0         # a poll waits this long for its reply pulls; slower ones finish later
+PULL_WORKERS = 8
 
 
 class Grid(Protocol):
@@ -90,6 +103,8 @@ class FreeServer:
         self._poll_since: float | None = None     # when the poll in progress began (None: none)
         self._last_poll_ok: float | None = None
         self._watchdog: threading.Thread | None = None
+        self._pool = ThreadPoolExecutor(PULL_WORKERS, thread_name_prefix="free-pull")
+        self._pulling: dict[str, Future] = {}     # message id -> its pull in flight
 
     # ------------------------------------------------------------------------------ replies
     def handle_reply(self, reply: Message, node_id: int) -> dict[str, Any]:
@@ -145,26 +160,49 @@ class FreeServer:
                     self.pending[mid] = (n, now)
                     LOG.info("node %s: asked for its model", n)
         if self.pending:
-            for reply in self.grid.pull_messages(list(self.pending)):
+            for reply in self._pull(list(self.pending)):
                 mid = reply.metadata.reply_to_message_id
                 if mid not in self.pending:
                     continue
                 node_id, _ = self.pending.pop(mid)
+                if reply.has_error() and reply.error.code in TRANSPORT_ERRORS:
+                    # Flower's own error (the reply's objects never arrived): ask the node again
+                    LOG.warning("node %s: reply lost in transport (%s); asking again", node_id,
+                                bounded_reason(reply.error.reason, 200))
+                    continue
                 outcome = self.handle_reply(reply, node_id)
                 self.heard[node_id] = outcome
                 ack_ids = list(self.grid.push_messages([ack_message(node_id, outcome)]))
                 self.acks.update((a, now) for a in ack_ids if a)
-        # forget queries to nodes that left
+        # forget queries to nodes that left; ask again a node that is still there but never answered
         for mid, (n, sent) in list(self.pending.items()):
-            if now - self.node_last_seen.get(n, sent) > NODE_GONE_S:
+            if now - self.node_last_seen.get(n, sent) > NODE_GONE_S or now - sent > REASK_S:
                 del self.pending[mid]
         if self.acks:   # collect the (empty) ack replies so they do not pile up
-            for r in self.grid.pull_messages(list(self.acks)):
+            for r in self._pull(list(self.acks)):
                 self.acks.pop(r.metadata.reply_to_message_id, None)
             for mid, sent in list(self.acks.items()):   # a node that left without answering its ack
                 if now - sent > NODE_GONE_S:
                     del self.acks[mid]
         self.runner.maybe_start(force=self.collected())
+
+    def _pull(self, message_ids: list[str]) -> list[Message]:
+        """The replies that have arrived to ``message_ids``: one pull per id in the worker pool,
+        waited for at most ``PULL_WAIT_S``; a pull still running is collected by a later poll."""
+        for mid in message_ids:
+            if mid not in self._pulling:
+                self._pulling[mid] = self._pool.submit(lambda m=mid: list(self.grid.pull_messages([m])))
+        wait([self._pulling[m] for m in message_ids], timeout=PULL_WAIT_S)
+        out: list[Message] = []
+        for mid in message_ids:
+            fut = self._pulling[mid]
+            if fut.done():
+                del self._pulling[mid]
+                try:
+                    out += fut.result()
+                except Exception as e:  # noqa: BLE001 - transient SuperLink trouble: pulled again next poll
+                    LOG.warning("pulling the reply to %s failed: %s: %s", mid[:12], type(e).__name__, e)
+        return out
 
     def collected(self) -> bool:
         """Simulation: every expected client has answered (or the collect timeout passed)."""
@@ -286,6 +324,7 @@ class FreeServer:
                 time.sleep(self.settings.poll_interval)
         finally:
             self.shutdown()
+            self._pool.shutdown(wait=False, cancel_futures=True)
             self._lock_file.close()      # releases the state folder's lock
 
     def shutdown(self) -> None:
@@ -314,22 +353,40 @@ class FreeServer:
             self._shut_done.set()
 
 
-def setup_logging(state: StateDir) -> None:
-    """The service's log goes to ``STATE/logs/serverapp.log`` (once per process)."""
+LOG_BYTES = 10 * 2 ** 20     # logs/serverapp.log rotates at this size, LOG_BACKUPS kept
+LOG_BACKUPS = 3
+
+
+def setup_logging(state: StateDir, *, flower: bool = False) -> None:
+    """The service's log goes to ``STATE/logs/serverapp.log``, rotated by size (once per process).
+    ``flower``: Flower's own log lines in this process go there too, and so does any uncaught
+    exception (a deployed ServerApp's output is otherwise discarded by Flower's SuperExec)."""
+    import logging.handlers
+    import sys
     state.logs_dir.mkdir(parents=True, exist_ok=True)
     if any(getattr(h, "_free_dfml", False) for h in LOG.handlers):
         return
-    fh = logging.FileHandler(state.logs_dir / "serverapp.log")
-    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    fh = logging.handlers.RotatingFileHandler(state.logs_dir / "serverapp.log", maxBytes=LOG_BYTES,
+                                              backupCount=LOG_BACKUPS, encoding="utf-8")
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     fh._free_dfml = True  # type: ignore[attr-defined]
     LOG.addHandler(fh)
     LOG.setLevel(logging.INFO)
+    if flower:
+        logging.getLogger("flwr").addHandler(fh)
+
+        def uncaught(kind, value, tb, _prev=sys.excepthook):
+            LOG.critical("uncaught exception", exc_info=(kind, value, tb))
+            _prev(kind, value, tb)
+        sys.excepthook = uncaught
+        threading.excepthook = lambda a: LOG.critical("uncaught exception in thread %s", a.thread,
+                                                      exc_info=(a.exc_type, a.exc_value, a.exc_traceback))
 
 
 def run_server(grid: Grid, settings: ServerSettings, *, run_id: int | None = None,
                register_exit: bool = False) -> FreeServer:
     server = FreeServer(grid, settings, run_id=run_id)
-    setup_logging(server.state)
+    setup_logging(server.state, flower=bool(settings.supervisor_pid))
     if register_exit:
         # flwr-serverapp turns SIGTERM/SIGINT (and its parent's death) into a graceful exit that
         # runs the registered exit handlers: stop training and checkpoint there.

@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 import pytest
-from flwr.app import Array, Message, MetricRecord
+from flwr.app import Array, Error, Message, MetricRecord
 
 from free_dfml.client import client_app
 from free_dfml.common import wire
@@ -76,11 +76,17 @@ def task_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, value)
 
 
-def supernode(tmp_path: Path, model: Path | None, *, verify: bool = True) -> tuple[Callable, Path]:
-    """A node running the deployment ClientApp's handlers; returns it and its acknowledgement file."""
+def supernode(tmp_path: Path, model: Path | None, *, verify: bool = True, ready: bool = False) -> tuple[Callable, Path]:
+    """A node running the deployment ClientApp's handlers; returns it and its acknowledgement file.
+    ``ready``: as ``free-client submit`` runs it (the validated id in the ready file; the reply is
+    then read without torch)."""
     ack = tmp_path / f"ack-{uuid.uuid4().hex[:8]}.json"
     ctx = SimpleNamespace(node_config={"ack-path": str(ack), "verify": verify,
                                        **({"model-path": str(model)} if model else {})})
+    if ready:
+        path = tmp_path / f"ready-{uuid.uuid4().hex[:8]}.json"
+        path.write_text(json.dumps({"model-id": load_package(model).model_id}))
+        ctx.node_config["ready-path"] = str(path)
 
     def handle(msg: Message) -> Message:
         if msg.metadata.message_type == f"{wire.QUERY}.{wire.ACK_ACTION}":
@@ -189,7 +195,7 @@ def test_wire_checks(tiny_packages):
 
 def test_accepted_replies_stored_logged_and_acknowledged(tmp_path, files):
     grid = FakeGrid()
-    (n1, ack1), (n2, ack2) = supernode(tmp_path, files["m0"]), supernode(tmp_path, files["m1"])
+    (n1, ack1), (n2, ack2) = supernode(tmp_path, files["m0"]), supernode(tmp_path, files["m1"], ready=True)
     grid.nodes = {11: n1, 12: n2}
     srv = make_server(tmp_path, grid)
     poll(srv)
@@ -298,6 +304,50 @@ def test_dp_metadata_recorded_and_free_trains_on_a_mixed_zoo(tmp_path, files):
     assert st["training"]["last_metrics"]["zoo_size"] == 4
     assert json.loads((srv.state.checkpoint_dir / "checkpoint.json").read_text())["iteration"] == 2
     assert len((srv.state.logs_dir / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_stalled_reply_blocks_no_one_and_a_lost_reply_is_asked_again(tmp_path, files, monkeypatch):
+    """A reply whose upload stalls holds one pull worker, not the loop: another node is checked
+    and acknowledged meanwhile. A reply Flower lost on the way (its error code) is not the client's
+    answer: not counted, and the node is asked again."""
+    import free_dfml.server.service as service
+    monkeypatch.setattr(service, "PULL_WAIT_S", 0.2)
+    grid = FakeGrid()
+    (slow, slow_ack), (fast, fast_ack) = supernode(tmp_path, files["m0"]), supernode(tmp_path, files["m1"])
+    lost = {"n": 0}
+
+    def flaky(msg):          # first query: Flower's "objects never arrived" error; then the model
+        if msg.metadata.message_type == wire.QUERY and lost["n"] == 0:
+            lost["n"] += 1
+            return Message(Error(code=3, reason="Reply message objects are unavailable"), reply_to=msg)
+        return fast(msg)
+    grid.nodes = {21: slow, 22: flaky}
+    release = threading.Event()
+    pull = grid.pull_messages
+
+    def stalling_pull(ids):              # node 21's reply: as if its upload stalled half-way
+        dst = {m.metadata.message_id: m.metadata.dst_node_id for m in grid.sent}
+        if not release.is_set() and any(dst.get(m) == 21 for m in ids):
+            release.wait(30)
+        return pull(ids)
+    monkeypatch.setattr(grid, "pull_messages", stalling_pull)
+    srv = make_server(tmp_path, grid)
+    t0 = time.time()
+    for _ in range(20):
+        srv.poll_once()
+        if fast_ack.exists():
+            break
+    assert time.time() - t0 < 20          # the stalled pull (30 s) did not hold the loop
+    assert json.loads(fast_ack.read_text())["accepted"] and not slow_ack.exists()
+    assert [s["event"] for s in submissions(srv)] == ["accepted"]    # the lost reply was not counted
+    assert lost["n"] == 1 and 22 in srv.heard
+    release.set()
+    for _ in range(20):
+        srv.poll_once()
+        if slow_ack.exists():
+            break
+    assert json.loads(slow_ack.read_text())["accepted"] and len(srv.zoo) == 2
+    srv.shutdown()
 
 
 def test_node_that_leaves_is_forgotten(tmp_path, files, monkeypatch):
