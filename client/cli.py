@@ -20,17 +20,14 @@ import json
 import os
 import re
 import socket
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from free_dfml.common.cli import CliError, check_certificate, is_loopback, parse_address, run_cli
-from free_dfml.common.processes import stop_process_tree, venv_env, venv_exe
 
 EXIT_REJECTED = 3
 EXIT_TIMEOUT = 4
@@ -280,7 +277,6 @@ def submit(
                                              help="print the verdicts of this audit (free-client audit --out) first"),
 ) -> None:
     """Publish a model package to a FREE server; prints the model id it was stored under."""
-    from free_dfml.common.package import PackageError, load_package
     if timeout <= 0:
         raise CliError("--timeout must be > 0")
     host, port = parse_address(server)
@@ -292,64 +288,54 @@ def submit(
         raise CliError(f"refusing to send to {host} without TLS: give --root-cert (or --insecure)")
     if auth_key is not None and not auth_key.is_file():
         raise CliError(f"no such file: {auth_key}")
-    if not no_verify:
-        try:
-            pkg = load_package(model)
-        except PackageError as e:
-            raise CliError(f"invalid package {model}: {e}", 1) from None
-        local_id = pkg.model_id
-        if audit_dir is not None:
-            from free_dfml.client.audit_report import verdicts_for
-            try:
-                lines = verdicts_for(audit_dir, local_id)
-            except ValueError as e:
-                raise CliError(str(e)) from None
-            print(f"free-client: privacy audit of this model ({audit_dir}):", file=sys.stderr)
-            for line in lines:
-                print(f"  {line}", file=sys.stderr)
-    elif audit_dir is not None:
+    if audit_dir is not None and no_verify:
         raise CliError("--audit needs the package's id: it cannot be used with --no-verify")
-    else:
-        if not model.is_file():
-            raise CliError(f"no such file: {model}")
-        local_id = None
+    if not model.is_file():
+        raise CliError(f"no such file: {model}" if no_verify else f"invalid package {model}: no such file: {model}",
+                       2 if no_verify else 1)
+    from free_dfml.client.submit import (start_validation, submit_with_retries, supernode_command, validation_result,
+                                         write_ready)
+    # validated in a child process while the SuperNode starts; nothing is sent before it passed
+    validator = None if no_verify else start_validation(model)
+    checked: dict = {}
     with tempfile.TemporaryDirectory(prefix="free-client-") as tmp:
-        ack = Path(tmp) / "ack.json"
-        node_config = " ".join([f"model-path={_toml_str(str(model.resolve()))}",
-                                f"ack-path={_toml_str(str(ack))}",
-                                f"verify={'false' if no_verify else 'true'}"])
-        cmd = [venv_exe("flower-supernode"), "--superlink", f"{host}:{port}", "--node-config", node_config,
-               "--port", str(_free_port())]
-        cmd += ["--root-certificates", str(root_cert.resolve())] if root_cert is not None else ["--insecure"]
-        if auth_key is not None:
-            cmd += ["--auth-supernode-private-key", str(auth_key.resolve())]
+        ready = Path(tmp) / "ready.json"
+
+        def gate() -> bool:
+            if validator is None or checked:
+                return True
+            res = validation_result(validator)
+            if res is None:
+                return False
+            if "error" in res:
+                raise CliError(f"invalid package {model}: {res['error']}", 1)
+            if audit_dir is not None:
+                from free_dfml.client.audit_report import verdicts_for
+                try:
+                    lines = verdicts_for(audit_dir, res["id"])
+                except ValueError as e:
+                    raise CliError(str(e)) from None
+                print(f"free-client: privacy audit of this model ({audit_dir}):", file=sys.stderr)
+                for line in lines:
+                    print(f"  {line}", file=sys.stderr)
+            checked.update(res)
+            write_ready(ready, res["id"])
+            return True
+
+        def cmd_for(ack: Path) -> list[str]:
+            cfg = [f"model-path={_toml_str(str(model.resolve()))}", f"ack-path={_toml_str(str(ack))}",
+                   f"verify={'false' if no_verify else 'true'}"]
+            if not no_verify:               # the ClientApp waits for the validated id there
+                cfg.append(f"ready-path={_toml_str(str(ready))}")
+            return supernode_command(host, port, " ".join(cfg), _free_port(), root_cert, auth_key)
         log_path = keep_logs if keep_logs is not None else Path(tmp) / "supernode.log"
-        log = open(log_path, "ab")
-        env = venv_env({"FLWR_HOME": str(Path(tmp) / "flwr-home")})
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                cwd=tmp)
-        result = None
         try:
-            end = time.time() + timeout
-            while time.time() < end:
-                if ack.exists():
-                    try:
-                        result = json.loads(ack.read_text())
-                        break
-                    except json.JSONDecodeError:
-                        pass
-                if proc.poll() is not None:
-                    tail = _last_error(log_path)
-                    hint = (" (a server with node authentication accepts only registered keys: "
-                            "--auth-key, free-server register-node)" if "Exit Code: 305" in tail else "")
-                    raise CliError(f"flower-supernode exited with code {proc.returncode}"
-                                   + (f": {tail}" if tail else "") + hint, 1)
-                time.sleep(0.2)
+            result = submit_with_retries(cmd_for, Path(tmp), log_path, timeout, gate=gate)
         finally:
-            left = stop_process_tree(proc, timeout=15)
-            log.close()
-            if left:
-                print(f"free-client: warning: SuperNode processes still alive: {left}", file=sys.stderr)
+            if validator is not None and validator.poll() is None:
+                validator.kill()
+                validator.wait()
+    local_id = checked.get("id")
     if result is None:
         raise CliError(f"no answer from the server at {host}:{port} within {timeout:.0f} s "
                        "(is it running and reachable? is the address/certificate right?)", EXIT_TIMEOUT)
@@ -361,19 +347,6 @@ def submit(
     note = "new in the zoo" if result.get("new") else "already in the zoo"
     print(f"free-client: accepted ({note})", file=sys.stderr)
     print(mid)
-
-
-def _last_error(path: Path) -> str:
-    try:
-        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return ""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln) for ln in lines]
-    for i, ln in enumerate(lines):     # Flower's exit report: "ERROR : Exit Code: N" + an explanation line
-        if "Exit Code:" in ln and i + 1 < len(lines):
-            return f"{ln.split('ERROR')[-1].strip(' :')}: {lines[i + 1]}"[:300]
-    errs = [ln for ln in lines if "ERROR" in ln or "Error" in ln]
-    return (errs or lines or [""])[-1][:300]
 
 
 def main() -> None:

@@ -2,7 +2,10 @@
 
 The messages are those of :mod:`free_dfml.common.wire`. Deployment: the SuperNode's node config
 names the package (``model-path``), the acknowledgement file (``ack-path``, where ``free-client
-submit`` waits for it) and ``verify`` (false: ``--no-verify``, the file is sent unchecked).
+submit`` waits for it), ``verify`` (false: ``--no-verify``, the file is sent unchecked) and
+``ready-path`` (a file where ``free-client submit`` writes the package's id once it has validated
+it: the ClientApp waits for it, sends nothing before, and then reads the file's tensors without
+torch, which keeps its process start short).
 Simulation (``flwr run`` on a simulation federation): a virtual SuperNode has ``partition-id`` /
 ``num-partitions`` instead of a model path; it trains its own model on its own classes with the
 run config's settings and publishes it (:func:`simulated_reply`).
@@ -11,6 +14,7 @@ run config's settings and publishes it (:func:`simulated_reply`).
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from flwr.app import Context, Message, RecordDict
@@ -42,7 +46,29 @@ def query(msg: Message, context: Context) -> Message:
         return wire.error_reply(msg, "this SuperNode has no model-path in its node config")
     if context.node_config.get("verify") is False:
         return Message(wire.unverified_content(str(path)), reply_to=msg)
+    ready = context.node_config.get("ready-path")
+    if ready:
+        model_id = wait_ready(Path(str(ready)))
+        if model_id is None:
+            return wire.error_reply(msg, "the client did not finish validating its package in time")
+        reply = wire.checked_file_reply(msg, str(path), model_id)
+        if reply is not None:
+            return reply
     return wire.package_reply(msg, str(path))
+
+
+READY_WAIT_S = 120.0
+
+
+def wait_ready(path: Path, timeout: float = READY_WAIT_S) -> str | None:
+    """The model id ``free-client submit`` writes to ``path`` once the package passed its checks."""
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            return str(json.loads(path.read_text())["model-id"])
+        except (OSError, ValueError, KeyError, TypeError):
+            time.sleep(0.05)
+    return None
 
 
 @app.query(wire.ACK_ACTION)

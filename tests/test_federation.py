@@ -2,7 +2,8 @@
 
 One FREE server (``free-server start``: flower-superlink + the FREE ServerApp via ``flwr run``,
 TLS with certificates generated here) takes submissions from ``free-client submit`` processes
-(each a flower-supernode + ClientApp). Covered: three clients accepted with ids over TLS; what
+(each a flower-supernode + ClientApp). Covered: six clients submitting at once all acknowledged
+with their ids over TLS (none lost, none stored twice); what
 crossed Flower's wire was only the weights + metadata records; a rejection and a duplicate reach
 ``free-client`` as its exit code and message; SIGKILL of every server process, restart on the
 same state folder: zoo intact, training resumed from the checkpoint, new submissions accepted
@@ -172,7 +173,9 @@ def parallel(fns):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, fake_dataset):
-    """Client packages trained on the synthetic data set: 3 plain; plus a truncated file."""
+    """Client packages trained on the synthetic data set: 3 plain; 3 random-initialised (extra1-3);
+    plus a truncated file."""
+    from benchmarks.reliability import make_models
     from free_dfml.client.train import TrainConfig, train_client
     from free_dfml.common.package import save_package
     d = tmp_path_factory.mktemp("models")
@@ -182,6 +185,8 @@ def models(tmp_path_factory, fake_dataset):
                               TrainConfig(epochs=2, arch_kwargs={"width": 8}, seed=i))
         save_package(pkg, d / f"client{i}.safetensors")
         out[f"client{i}"] = d / f"client{i}.safetensors"
+    for i, (path, _) in enumerate(make_models(3, d, seed=5), start=1):
+        out[f"extra{i}"] = path
     data = out["client0"].read_bytes()
     (d / "truncated.safetensors").write_bytes(data[: len(data) // 2])
     out["truncated"] = d / "truncated.safetensors"
@@ -198,22 +203,25 @@ def server(tmp_path_factory):
 
 
 @slow
-def test_three_clients_accepted_over_tls(server, models):
+def test_six_concurrent_clients_accepted_over_tls(server, models):
+    """Six submissions at once: every one acknowledged with its own id, each stored once."""
+    names = [f"client{i}" for i in range(3)] + [f"extra{i}" for i in range(1, 4)]
     t0 = time.time()
-    results = parallel([lambda m=models[f"client{i}"]: server.submit(m) for i in range(3)])
+    results = parallel([lambda m=models[n]: server.submit(m) for n in names])
     for r in results:
         assert r.returncode == 0, r.stderr
     ids = [r.stdout.strip().splitlines()[-1] for r in results]
-    assert all(len(i) == 64 for i in ids) and len(set(ids)) == 3
     from free_dfml.common.package import load_package
-    assert ids == [load_package(models[f"client{i}"]).model_id for i in range(3)]
+    assert ids == [load_package(models[n]).model_id for n in names] and len(set(ids)) == 6
     st = server.status()
     assert st["running"] and st["server"]["tls"]
-    assert st["models"]["accepted"] == 3 and st["models"]["in_zoo"] == 3
+    assert st["models"]["accepted"] == 6 and st["models"]["in_zoo"] == 6
     assert sorted(a["id"] for a in st["accepted"]) == sorted(ids)
+    index = [json.loads(ln)["id"] for ln in (server.state / "zoo" / "index.jsonl").read_text().splitlines()]
+    assert sorted(index) == sorted(ids)                       # none stored twice
     human = run(BIN / "free-server", "status", "--state", server.state)
-    assert "3 accepted" in human.stdout
-    print(f"three TLS submissions in parallel: {time.time() - t0:.1f} s")
+    assert "6 accepted" in human.stdout
+    print(f"six TLS submissions in parallel: {time.time() - t0:.1f} s")
 
 
 @slow
@@ -221,7 +229,7 @@ def test_only_weights_and_metadata_cross_the_wire(server):
     """What the ServerApp received from each ClientApp over Flower (logged from the received content)."""
     subs = [json.loads(ln) for ln in (server.state / "submissions.jsonl").read_text().splitlines()]
     accepted = [s for s in subs if s["event"] == "accepted"]
-    assert len(accepted) >= 3
+    assert len(accepted) >= 6
     for s in accepted:
         assert s["wire"] == {"array_records": ["model"], "config_records": ["meta"], "metric_records": [],
                              "meta_fields": ["model-id", "package"], "arrays": s["wire"]["arrays"]}
@@ -235,10 +243,8 @@ def test_rejection_and_duplicate_reach_the_client(server, models):
     local = run(BIN / "free-client", "submit", "--model", models["truncated"], "--server", server.address)
     assert local.returncode == 1 and "invalid package" in local.stderr
     before = server.status()
-    # one after the other: concurrent submits can still be lost (issue 22); the three-client test
-    # covers submits in parallel
-    r_trunc = server.submit(models["truncated"], "--no-verify")
-    r_dup = server.submit(models["client0"])
+    r_trunc, r_dup = parallel([lambda: server.submit(models["truncated"], "--no-verify"),
+                               lambda: server.submit(models["client0"])])
     assert r_trunc.returncode == 3, r_trunc.stderr
     assert "rejected by the server" in r_trunc.stderr and "missing tensor" in r_trunc.stderr
     assert r_dup.returncode == 0, r_dup.stderr
@@ -248,7 +254,7 @@ def test_rejection_and_duplicate_reach_the_client(server, models):
     st = server.status()
     assert st["running"]
     assert st["models"]["rejected"] == before["models"]["rejected"] + 1
-    assert st["models"]["in_zoo"] == 3 and st["models"]["resubmissions"] == 1
+    assert st["models"]["in_zoo"] == 6 and st["models"]["resubmissions"] == 1
     assert "missing tensor" in " | ".join(r["reason"] for r in st["rejected"])
 
 
@@ -334,3 +340,27 @@ def test_submit_times_out_cleanly_without_a_server(tmp_path, models):
     assert time.time() - t0 < 40
     leftovers = subprocess.run(["pgrep", "-f", f"127.0.0.1:{port}"], capture_output=True, text=True).stdout.split()
     assert not [p for p in leftovers if alive(int(p))]
+
+
+def test_submit_sends_again_when_the_supernode_drops_its_message(tmp_path, monkeypatch):
+    """free-client's retry, with a stand-in SuperNode: the first attempt logs Flower's "Failed to
+    send message" (an HTTP error it never retries), the second one is acknowledged."""
+    from free_dfml.client import submit as sub
+    monkeypatch.setattr(sub, "BACKOFF_S", (0.1,))
+    marker = tmp_path / "tried"
+    script = ("import pathlib, sys, time\n"
+              "ack, marker = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])\n"
+              "if not marker.exists():\n"
+              "    marker.write_text('1')\n"
+              "    print('ERROR :      Failed to send message 1a2b: HTTP 500', flush=True)\n"
+              "else:\n"
+              "    print('INFO :      Sent successfully', flush=True)\n"
+              "    ack.write_text('{\"accepted\": true, \"model-id\": \"x\"}')\n"
+              "time.sleep(60)\n")
+    said: list[str] = []
+    t0 = time.time()
+    doc = sub.submit_with_retries(lambda ack: [sys.executable, "-c", script, str(ack), str(marker)], tmp_path,
+                                  tmp_path / "supernode.log", 60, say=said.append)
+    assert doc == {"accepted": True, "model-id": "x"}
+    assert len(said) == 1 and "attempt 1 failed" in said[0] and "Failed to send message" in said[0]
+    assert time.time() - t0 < 20          # both stand-ins stopped at once, not waited for
