@@ -382,10 +382,15 @@ class FreeConfig:
             if v < 0:
                 raise ConfigError(name, v, "an integer >= 0")
         for name, v in (("generator.lr", g.lr), ("generator.z_lr", g.z_lr), ("generator.meta_lr", g.meta_lr),
-                        ("bell.lr", self.bell.lr), ("replay.outer_lr", r.outer_lr),
+                        ("bell.lr", self.bell.lr), ("bell.beta", self.bell.beta), ("replay.outer_lr", r.outer_lr),
                         ("learner.inner_lr", lrn.inner_lr)):
             if not v > 0:
                 raise ConfigError(name, v, "a number > 0")
+        for name, v in (("generator.lambda_adv", g.lambda_adv), ("generator.lambda_bn", g.lambda_bn)):
+            if v < 0:
+                raise ConfigError(name, v, "a number >= 0")
+        if not all(0 <= x < 1 for x in g.betas):
+            raise ConfigError("generator.betas", list(g.betas), "two numbers in [0, 1)")
         if b.max_mb:
             ring = self.bank_ring_bytes()
             if b.max_mb * 2 ** 20 < 2 * lrn.way * ring:
