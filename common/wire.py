@@ -216,7 +216,7 @@ def content_to_package(content: RecordDict, *, max_bytes: int = MAX_PACKAGE_BYTE
     arrays, meta, doc = _check_records(content)
     total = sum(len(a.data) for a in arrays.values()) + len(doc)
     if total > max_bytes:
-        raise PackageError(f"payload is {total} bytes, over the {max_bytes}-byte limit")
+        raise PackageError(f"payload is {total} bytes, over the {max_bytes}-byte limit (max-payload-bytes)")
     state: dict[str, torch.Tensor] = {}
     for name, arr in arrays.items():
         if arr.stype != "numpy.ndarray":

@@ -272,7 +272,7 @@ def test_configured_caps_are_the_ones_the_service_applies(tmp_path):
     values = sum(v.numel() for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked"))
     payload = sum(t.numel() * 4 for t in state.values())
     for setting, value, reason in (
-            ("max_payload_bytes", payload - 1, f"over the {payload - 1}-byte limit"),
+            ("max_payload_bytes", payload - 1, rf"over the {payload - 1}-byte limit \(max-payload-bytes\)"),
             ("max_input_side", 28, r"input_shape H must be an integer in 8\.\.28, got 32 \(max-input-side 28\)"),
             ("max_parameters", values - 1, rf"stores {values} values, over the limit of {values - 1} "
                                            r"\(max-parameters\)"),
