@@ -178,6 +178,9 @@ def main(argv=None) -> int:
     ap.add_argument("--honest", type=int, default=8)
     ap.add_argument("--each", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--chosen", action="store_true",
+                    help="the screen's own signals and verdicts (server/screen.py) instead of the candidates "
+                         "(writes chosen.json / chosen.md)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     from free_dfml.common.datasets import open_dataset
@@ -187,7 +190,12 @@ def main(argv=None) -> int:
     rows = []
     for kind, name, pkg in models:
         t = Teacher(pkg.build(), tuple(pkg.meta.input_shape), pkg.meta.num_classes, pkg.model_id)
-        s = candidate_signals(t, steps=a.steps)
+        if a.chosen:
+            from free_dfml.server.screen import ScreenConfig, failures, signals
+            s = signals(t, ScreenConfig())
+            s["failed"] = float(bool(failures(s, ScreenConfig())))
+        else:
+            s = candidate_signals(t, steps=a.steps)
         rows.append({"kind": kind, "name": name, "holdout": pkg.meta.training.get("holdout_accuracy"),
                      "signals": {k: round(v, 5) for k, v in s.items()}})
         print(name, {k: round(v, 3) for k, v in s.items()}, flush=True)
@@ -201,12 +209,19 @@ def main(argv=None) -> int:
                     for kind in kinds}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "signals.json").write_text(json.dumps({"command": "python -m experiments.screen_signals",
-                                                  "rows": rows, "auc": table}, indent=1))
+    stem = "chosen" if a.chosen else "signals"
+    cmd = "python -m experiments.screen_signals" + (" --chosen" if a.chosen else "")
+    (out / f"{stem}.json").write_text(json.dumps({"command": cmd, "rows": rows, "auc": table}, indent=1))
     lines = ["| signal | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
     for k in keys:
         lines.append(f"| {k} | " + " | ".join(f"{table[k][kind]:.2f}" for kind in kinds) + " |")
-    (out / "signals.md").write_text("AUC (harmful score above honest+weak; 0 = below)\n\n" + "\n".join(lines) + "\n")
+    if a.chosen:
+        lines += ["", "| model | kind | held-out | " + " | ".join(keys) + " |", "|---|---|---|" + "---|" * len(keys)]
+        for r in rows:
+            lines.append(f"| {r['name']} | {r['kind']} | {r['holdout'] if r['holdout'] is not None else '-'} | "
+                         + " | ".join(f"{r['signals'][k]:.3f}" for k in keys) + " |")
+    (out / f"{stem}.md").write_text(f"`{cmd}`\n\nAUC (harmful score above honest+weak; 0 = below)\n\n"
+                                    + "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

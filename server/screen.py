@@ -32,7 +32,7 @@ import json
 import math
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,9 +51,10 @@ REASON_PREFIX = "failed the data-free screen"
 
 @dataclass
 class ScreenConfig:
-    max_inversion_ce: float = 0.8     # honest demo clients <= 0.31, random / near-constant >= 1.4
-    max_bn_mismatch: float = 2.0      # honest <= 0.93, lying normalisation >= 3.2
-    min_noise_match: float = 0.1      # honest >= 0.34 (tiny synthetic-data models), noise-trained <= 0.02
+    # thresholds: between the honest and the harmful ranges of docs/security.md, with a margin
+    max_inversion_ce: float = 0.8
+    max_bn_mismatch: float = 2.0
+    min_noise_match: float = 0.1
     steps: int = 10                   # inversion steps
     per_class: int = 4                # inverted images a class
     ngf: int = 16
@@ -236,7 +237,3 @@ def screen_config(settings=None, learner=None) -> ScreenConfig:
         if v is not None:
             setattr(cfg, k, float(v))
     return cfg
-
-
-def as_dict(cfg: ScreenConfig) -> dict[str, Any]:
-    return asdict(cfg)
