@@ -22,11 +22,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/free-sim run --preset demo --out runs/demo
 
+# one test process per core (at most 4); TEST_WORKERS=0 runs the suite in one process
+TEST_WORKERS ?= auto
+PYTEST_PAR := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --maxprocesses 4 --dist loadgroup)
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_PAR)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q $(PYTEST_PAR) -m "not slow"
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks.run --preset quick --out runs/bench/quick

@@ -103,7 +103,7 @@ PROBES: dict[str, dict[str, Any]] = {
                  recovery_models=2, recovery_five_steps=4, recovery_scratch_steps=8,
                  batched_T=(2, 4), batched_width=4, batched_repeats=1,
                  hetero_clients=3, hetero_widths=(8, 4, 4), hetero_iterations=2, hetero_methods=("random", "average", "free"),
-                 scaling_sizes=(4, 8, 16), scaling_iterations=1, scaling_width=4, scaling_cache=2,
+                 scaling_sizes=(4, 8), scaling_iterations=1, scaling_width=4, scaling_cache=2,
                  scaling_bank_mb=0.5, trust_levels=(0, 40), trust_honest=3, trust_weak=1, trust_client_epochs=1,
                  trust_iterations=2, trust_episodes=4, trust_learner_width=8),
     # 2 CPU cores, under 30 minutes

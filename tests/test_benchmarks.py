@@ -76,9 +76,10 @@ def _close(a, b, tol):
                 assert abs(p[k] - q[k]) < tol
 
 
-@pytest.mark.parametrize("lambda_bn,jitter,engine,lr", [(0.0, 0, "grouped", 1e-3), (0.1, 0, "grouped", 1e-3),
-                                                        (0.1, 3, "grouped", 1e-3), (0.1, 3, "vmap", 1e-3),
-                                                        (0.0, 0, "grouped", 1e-2)])    # 1e-2: the quick preset's
+# each knob at both of its values over three cases: BN loss off/on, jitter off/on, both engines, and
+# 1e-2 (the quick preset's inner lr) as well as 1e-3
+@pytest.mark.parametrize("lambda_bn,jitter,engine,lr", [(0.1, 3, "grouped", 1e-3), (0.1, 3, "vmap", 1e-3),
+                                                        (0.0, 0, "grouped", 1e-2)])
 def test_batched_engine_five_step_equals_sequential(float64, lambda_bn, jitter, engine, lr, monkeypatch):
     teachers = _zoo()
     learner = build_learner(5, width=8, rng=torch.Generator().manual_seed(3))
@@ -200,7 +201,7 @@ def test_tiny_preset_end_to_end(tmp_path):
     for plan in het.values():
         assert set(plan["methods"]) == {"random", "average", "free"}
     sc = doc["sections"]["scaling"]
-    assert [r["size"] for r in sc["rows"]] == [4, 8, 16]
+    assert [r["size"] for r in sc["rows"]] == [4, 8]
     assert all(r["zoo_models"] == r["size"] and r["peak_rss_mb"] > 0 for r in sc["rows"])
     assert all(r["bank_mb"] <= r["bank_bound_mb"] == 0.5 for r in sc["rows"])     # the bank's bound holds
     assert doc["targets"]
