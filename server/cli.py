@@ -72,6 +72,8 @@ def start(
     require_dp: bool = typer.Option(False, "--require-dp", help="refuse models without DP metadata"),
     max_epsilon: Optional[float] = typer.Option(None, "--max-epsilon",
                                                 help="refuse models with DP epsilon above E (and non-DP ones)"),
+    screen: bool = typer.Option(False, "--screen",
+                                help="screen every model before training uses it; quarantine failures"),
     detach: bool = typer.Option(False, "--detach", help="run in the background; return once the server is up"),
     startup_timeout: float = typer.Option(60.0, "--startup-timeout", help="seconds to wait for the server to come up"),
 ) -> None:
@@ -106,7 +108,7 @@ def start(
         raise CliError(f"--startup-timeout must be > 0, got {startup_timeout:g}")
     settings = settings_from(state, cfg_doc, device=device, preset=preset, max_iterations=max_iterations,
                              checkpoint_every=checkpoint_every, min_models=min_models, threads=threads,
-                             require_dp=require_dp or None, max_epsilon=max_epsilon)
+                             require_dp=require_dp or None, max_epsilon=max_epsilon, screen=screen or None)
     from free_dfml.server.supervisor import Supervisor, start_detached
     if detach:
         rec = start_detached(state, [a for a in sys.argv[1:] if a != "--detach"], startup_timeout)

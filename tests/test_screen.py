@@ -91,3 +91,11 @@ def test_settings_carry_the_thresholds():
     rc = ServerSettings(screen=True, screen_max_inversion_ce=0.5).to_run_config()
     back = ServerSettings.from_run_config(rc)
     assert back.screen is True and screen_config(back).max_inversion_ce == 0.5
+
+
+def test_start_options_and_config_keys_turn_it_on(tmp_path):
+    from free_dfml.server.settings import settings_from
+    state = StateDir(tmp_path / "state")
+    assert settings_from(state, {}, screen=True).screen is True       # free-server start --screen
+    s = settings_from(state, {"screen": True, "screen-min-noise-match": 0.2})
+    assert s.screen is True and screen_config(s).min_noise_match == 0.2
