@@ -99,3 +99,16 @@ def test_start_options_and_config_keys_turn_it_on(tmp_path):
     assert settings_from(state, {}, screen=True).screen is True       # free-server start --screen
     s = settings_from(state, {"screen": True, "screen-min-noise-match": 0.2})
     assert s.screen is True and screen_config(s).min_noise_match == 0.2
+
+
+def test_groupnorm_models_are_screened_by_inversion_alone(tmp_path, fake_dataset):
+    from free_dfml.client.train import TrainConfig, train_client
+    honest, _ = train_client(fake_dataset, [0, 1, 2, 3], TrainConfig(epochs=4, arch_kwargs={"width": 8, "norm": "gn"}))
+    const = tiny("constant", fake_dataset, range(4), base=honest)
+    zoo = Zoo(tmp_path / "zoo")
+    good, bad = zoo.add(honest)[0], zoo.add(const)[0]
+    screen = Screen(zoo)
+    assert screen.usable([good, bad]) == [good]
+    v = screen.verdicts()
+    assert v[good]["scores"]["bn_mismatch"] == "nan" and v[good]["scores"]["noise_match"] == "nan"
+    assert len(v[bad]["reasons"]) == 1 and v[bad]["reasons"][0].startswith("inversion CE")
