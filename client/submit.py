@@ -151,7 +151,9 @@ def submit_with_retries(cmd_for, workdir: Path, log_path: Path, timeout: float, 
     """Attempts until an acknowledgement (its document) or ``timeout`` (None). ``cmd_for(ack_path)``
     gives the SuperNode command of an attempt; ``gate`` as in :func:`run_attempt`, for every attempt."""
     end = time.time() + timeout
-    env = venv_env({"FLWR_HOME": str(workdir / "flwr-home")})
+    # FLWR_SUPEREXEC_TASK_POLL_INTERVAL: how often the SuperExec looks for a message to start a
+    # ClientApp for (Flower's default 1 s)
+    env = venv_env({"FLWR_HOME": str(workdir / "flwr-home"), "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"})
     n = 0
     while time.time() < end:
         ack = workdir / f"ack{n}.json"

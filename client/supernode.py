@@ -28,6 +28,8 @@ class _ShortSleeps:
 def main() -> None:
     from flwr.supernode import start_client_internal as loop
     loop.time = _ShortSleeps()          # the module's `time.sleep(3)` between empty pulls
+    from flwr.supercore.inflatable import inflatable_utils
+    inflatable_utils.pull_objects.__kwdefaults__.update(initial_backoff=0.1, backoff_cap=1.0)
     from flwr.supernode.cli import flower_supernode
     flower_supernode()
 

@@ -383,8 +383,18 @@ def setup_logging(state: StateDir, *, flower: bool = False) -> None:
                                                       exc_info=(a.exc_type, a.exc_value, a.exc_traceback))
 
 
+def short_object_pull_backoff(initial: float = 0.1, cap: float = 1.0) -> None:
+    """Flower pulls a message's objects with an exponential backoff from 1 s to 10 s while they are
+    still being uploaded, so a reply pulled just before its upload finished waited up to 15 s
+    more; retry from 0.1 s, capped at 1 s (the number of tries and the total time are Flower's)."""
+    from flwr.supercore.inflatable import inflatable_utils
+    inflatable_utils.pull_objects.__kwdefaults__.update(initial_backoff=initial, backoff_cap=cap)
+
+
 def run_server(grid: Grid, settings: ServerSettings, *, run_id: int | None = None,
                register_exit: bool = False) -> FreeServer:
+    if register_exit:                   # in a Flower ServerApp process
+        short_object_pull_backoff()
     server = FreeServer(grid, settings, run_id=run_id)
     setup_logging(server.state, flower=bool(settings.supervisor_pid))
     if register_exit:
