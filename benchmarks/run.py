@@ -1,7 +1,7 @@
 """One command for the project's performance evidence.
 
     python -m benchmarks.run --preset tiny|quick|paper [--device auto|cpu|cuda]
-                             [--out runs/bench/NAME] [--only accuracy,recovery,batched,hetero,scaling,trust]
+                             [--out runs/bench/NAME] [--only accuracy,recovery,batched,hetero,scaling,trust,reliability]
                              [--set FIELD=VALUE ...]
 
 ``--set`` overrides a field of the preset (``benchmarks/presets.py``; VALUE is JSON when it parses),
@@ -12,7 +12,8 @@ method; the study's fields as ``section.field``, e.g. ``--set clients.count=8``)
 Sections (one module each): ``accuracy`` (every method, 5-way 1/5-shot, 600 meta-test episodes),
 ``recovery`` (FIVE vs scratch inversion speed), ``batched`` (vmapped multi-teacher inversion vs the
 sequential loop), ``hetero`` (mixed-architecture and mixed-domain zoos), ``scaling`` (memory and
-speed vs zoo size); ``trust`` (harmful models, the data-free screen off and on) only with ``--only``.
+speed vs zoo size); ``trust`` (harmful models, the data-free screen off and on) and ``reliability``
+(a real loopback server: concurrent submits, latency, kill -9) only with ``--only``.
 Writes ``results.json``, ``results.md`` and PNG plots into ``--out``, with the
 machine (CPU / GPU model, torch version), the preset, the seed and the command line.
 """
@@ -29,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmarks import accuracy, batched, hetero, recovery, scaling, trust
+from benchmarks import accuracy, batched, hetero, recovery, reliability, scaling, trust
 from benchmarks.common import command_line, machine_info, set_threads
 from benchmarks.jobs import Ctx, run_jobs
 from benchmarks.presets import NAMES, get_preset, parse_setting
@@ -38,8 +39,8 @@ from free_dfml.server.device import resolve_device
 
 # each section's module has jobs(preset) -> [Job] and summarize(outcomes, preset) -> dict
 MODULES = {"accuracy": accuracy, "recovery": recovery, "batched": batched, "hetero": hetero,
-           "scaling": scaling, "trust": trust}
-OPT_IN = ("trust",)                 # run only when named in --only
+           "scaling": scaling, "trust": trust, "reliability": reliability}
+OPT_IN = ("trust", "reliability")   # run only when named in --only
 SECTIONS = tuple(m for m in MODULES if m not in OPT_IN)
 
 
@@ -110,6 +111,10 @@ def run(preset: str = "quick", *, out: str | Path | None = None, device: str = "
     if "trust" in doc["sections"]:
         (out / "trust.json").write_text(json.dumps(doc["sections"]["trust"], indent=1, default=_json_default))
         (out / "trust.md").write_text(trust.markdown(doc["sections"]["trust"]))
+    if "reliability" in doc["sections"]:
+        (out / "reliability.json").write_text(json.dumps(doc["sections"]["reliability"], indent=1,
+                                                         default=_json_default))
+        (out / "reliability.md").write_text(reliability.markdown(doc["sections"]["reliability"]))
     doc["targets"] = targets(doc)
     doc["plots"] = plots(doc, out)
     (out / "results.json").write_text(json.dumps(doc, indent=1, default=_json_default))
