@@ -153,7 +153,9 @@ def run_free(ctx: Ctx, deps: dict) -> dict:
             runs.append(row)
             print(f"[trust] {name}: {json.dumps({k: v for k, v in row.items() if k != 'results'})} "
                   + " ".join(f"{k} {100 * v['mean']:.2f}" for k, v in row["results"].items()), flush=True)
-    zoo0 = Zoo(root / "zoo-0-off")
+    zoo0 = Zoo(root / "zoo-honest")         # the random start takes the honest models' normalisation
+    for m in honest:
+        zoo0.add(load_package(m["path"]))
     norm = FreeTrainer(zoo0, cfg, device="cpu").norm
     scored["random"] = score(random_learner(cfg, norm=norm))
     out = {"runs": runs, "random": scored["random"]}
