@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from benchmarks.common import SyntheticDataset
 from free_dfml.common.datasets import SplitData
 from free_dfml.common.models import build_model
 from free_dfml.common.package import ModelPackage, make_package, package_from_tensors
@@ -119,7 +120,6 @@ def noise(ds, classes, *, width=32, epochs=20, seed=0) -> ModelPackage:
 
 def other_data(ds, classes, *, width=32, epochs=20, seed=0) -> ModelPackage:
     """Trained on another domain (coloured patterns), sent as a model of ``classes``."""
-    from benchmarks.common import SyntheticDataset
     c, h, _ = ds.image_shape
     other = SyntheticDataset(image_size=h, seed=40_000 + seed, channels=c,
                              images_per_class=max(20, len(_client_images(ds, classes)) // len(classes)),
