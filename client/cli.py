@@ -295,7 +295,7 @@ def submit(
                        2 if no_verify else 1)
     from free_dfml.client.submit import (start_validation, submit_with_retries, supernode_command, validation_result,
                                          write_ready)
-    # validated in a child process while the SuperNode starts; nothing is sent before it passed
+    # validated in a child process (torch is imported there, and gone with it); nothing is sent before
     validator = None if no_verify else start_validation(model)
     checked: dict = {}
     with tempfile.TemporaryDirectory(prefix="free-client-") as tmp:
@@ -330,6 +330,9 @@ def submit(
             return supernode_command(host, port, " ".join(cfg), _free_port(), root_cert, auth_key)
         log_path = keep_logs if keep_logs is not None else Path(tmp) / "supernode.log"
         try:
+            if validator is not None:           # before any SuperNode connects (see client/submit.py)
+                validator.wait()
+                gate()
             result = submit_with_retries(cmd_for, Path(tmp), log_path, timeout, gate=gate)
         finally:
             if validator is not None and validator.poll() is None:

@@ -10,11 +10,12 @@ came for ``ACK_WAIT_S``. Resending is safe: the server stores a model under its 
 model that did arrive the first time is acknowledged as already in the zoo. Everything is
 bounded by the caller's ``timeout``.
 
-The package is validated in a child process (:func:`start_validation`, torch imported there and
-gone with it) while the first SuperNode starts; the ClientApp sends nothing until the command has
-written the validated id to the node's ``ready-path`` file (:func:`write_ready`), and an invalid
-package stops the SuperNode before that. The two process starts overlap, and a waiting client
-holds no torch in memory.
+The package is validated in a child process (:func:`start_validation`: torch is imported there
+and gone with it, so a waiting client holds none of it in memory) before the first SuperNode
+starts; the ClientApp sends nothing until the command has written the validated id to the node's
+``ready-path`` file (:func:`write_ready`). The SuperNode starts only once the package passed: a
+node that joined and was asked before that could, on a loaded machine, wait long enough to miss
+Flower's heartbeats.
 """
 
 from __future__ import annotations
