@@ -171,6 +171,44 @@ def build_models(ds, cache: Path, n_honest: int, n_each: int) -> list[tuple[str,
     return out
 
 
+def probe_separability(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Leave-one-out nearest-centroid accuracy of trusted probe images ``x`` (labels ``y``, classes
+    no client has) in the model's penultimate features (the input of its last linear layer): how
+    well its features transfer (the ``--probe-data`` idea, in FLTrust's spirit)."""
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    got: dict[str, torch.Tensor] = {}
+    h = head.register_forward_hook(lambda m, i, o: got.__setitem__("f", i[0]))
+    with torch.no_grad():
+        model(x)
+    h.remove()
+    f = F.normalize(got["f"], dim=1)
+    k = int(y.max()) + 1
+    sums = torch.stack([f[y == c].sum(0) for c in range(k)])
+    counts = torch.bincount(y, minlength=k).float()
+    correct = 0
+    for i in range(len(y)):
+        c = int(y[i])
+        cent = sums.clone()
+        cent[c] -= f[i]
+        n = counts.clone()
+        n[c] -= 1
+        correct += int(torch.cdist(f[i:i + 1], cent / n[:, None]).argmin() == c)
+    return correct / len(y)
+
+
+def probe_set(ds, classes: int = 10, per_class: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``classes`` meta-val classes x ``per_class`` images: a trusted probe no client trained on."""
+    from free_dfml.common.datasets import to_float
+    val = ds.split("val")
+    pick = torch.randperm(val.num_classes, generator=torch.Generator().manual_seed(seed))[:classes].tolist()
+    xs, ys = [], []
+    for j, c in enumerate(pick):
+        idx = val.class_indices()[c][:per_class]
+        xs.append(to_float(val.images[idx]))
+        ys += [j] * len(idx)
+    return torch.cat(xs), torch.tensor(ys)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="experiments/results/screen-signals")
@@ -178,6 +216,8 @@ def main(argv=None) -> int:
     ap.add_argument("--honest", type=int, default=8)
     ap.add_argument("--each", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--probe", action="store_true",
+                    help="only the trusted-probe signal (10 meta-val classes x 10 images; writes probe.json / probe.md)")
     ap.add_argument("--chosen", action="store_true",
                     help="the screen's own signals and verdicts (server/screen.py) instead of the candidates "
                          "(writes chosen.json / chosen.md)")
@@ -188,9 +228,12 @@ def main(argv=None) -> int:
     ds = open_dataset("glyphs", image_size=32, seed=0, images_per_class=100)
     models = build_models(ds, Path(a.cache), a.honest, a.each)
     rows = []
+    probe = probe_set(ds) if a.probe else None
     for kind, name, pkg in models:
         t = Teacher(pkg.build(), tuple(pkg.meta.input_shape), pkg.meta.num_classes, pkg.model_id)
-        if a.chosen:
+        if a.probe:
+            s = {"probe_separability": probe_separability(pkg.build(), *probe)}
+        elif a.chosen:
             from free_dfml.server.screen import ScreenConfig, failures, signals
             s = signals(t, ScreenConfig())
             s["failed"] = float(bool(failures(s, ScreenConfig())))
@@ -209,13 +252,13 @@ def main(argv=None) -> int:
                     for kind in kinds}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "chosen" if a.chosen else "signals"
-    cmd = "python -m experiments.screen_signals" + (" --chosen" if a.chosen else "")
+    stem = "probe" if a.probe else "chosen" if a.chosen else "signals"
+    cmd = "python -m experiments.screen_signals" + (" --probe" if a.probe else " --chosen" if a.chosen else "")
     (out / f"{stem}.json").write_text(json.dumps({"command": cmd, "rows": rows, "auc": table}, indent=1))
     lines = ["| signal | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
     for k in keys:
         lines.append(f"| {k} | " + " | ".join(f"{table[k][kind]:.2f}" for kind in kinds) + " |")
-    if a.chosen:
+    if a.chosen or a.probe:
         lines += ["", "| model | kind | held-out | " + " | ".join(keys) + " |", "|---|---|---|" + "---|" * len(keys)]
         for r in rows:
             lines.append(f"| {r['name']} | {r['kind']} | {r['holdout'] if r['holdout'] is not None else '-'} | "
