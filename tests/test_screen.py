@@ -112,3 +112,16 @@ def test_groupnorm_models_are_screened_by_inversion_alone(tmp_path, fake_dataset
     v = screen.verdicts()
     assert v[good]["scores"]["bn_mismatch"] == "nan" and v[good]["scores"]["noise_match"] == "nan"
     assert len(v[bad]["reasons"]) == 1 and v[bad]["reasons"][0].startswith("inversion CE")
+
+
+def test_every_generator_gives_a_distinct_valid_package(fake_dataset, tiny_packages):
+    from free_dfml.common.package import package_from_bytes
+    from harmful import GENERATORS, HARMFUL_TYPES
+    assert set(HARMFUL_TYPES) | {"honest", "weak"} == set(GENERATORS)
+    pkgs = {kind: tiny(kind, fake_dataset, range(12, 16), seed=2,
+                       **({"base": tiny_packages[3]} if kind in ("constant", "lying_norm", "head_permuted") else {}))
+            for kind in GENERATORS}
+    ids = {kind: package_from_bytes(p.to_bytes()).model_id for kind, p in pkgs.items()}
+    assert len(set(ids.values())) == len(ids) and tiny_packages[3].model_id not in ids.values()
+    assert all(p.meta.num_classes == 4 for p in pkgs.values())
+    assert pkgs["lying_norm"].meta.mean == (0.0, 0.0, 0.0) and pkgs["lying_norm"].meta.std == (1.0, 1.0, 1.0)
