@@ -61,11 +61,12 @@ def method_config(p, method: str, **over):
     return free_config(p, **over)
 
 
-def track_eval(learner, val, cfg, episodes: int, device) -> tuple[float, float]:
-    """Meta-val 5-way 1-shot accuracy for the curve: same episodes (seed) at every point, every method."""
+def track_eval(learner, val, cfg, episodes: int, device, seed: int | None = None) -> tuple[float, float]:
+    """Meta-val 5-way 1-shot accuracy for the curve: same episodes (seed, default the training seed
+    + 1000) at every point, every method."""
     lrn = cfg.learner
     r = evaluate(learner, val, way=lrn.way, shot=1, episodes=episodes, steps=lrn.adapt_steps,
-                 lr=lrn.inner_lr, seed=cfg.schedule.seed + 1000, device=device)
+                 lr=lrn.inner_lr, seed=cfg.schedule.seed + 1000 if seed is None else seed, device=device)
     return r.mean, r.ci95
 
 
@@ -81,19 +82,26 @@ def zoo_norm(zoo, channels: int):
         ((0.5,) * channels, (0.25,) * channels)
 
 
+def method_setup(ctx: Ctx, zoo_result: dict, method: str, **over):
+    """What a method's run starts from: the zoo (a zoo job's result), the data set, the method's
+    FreeConfig with ``over`` applied, and the zoo's input normalisation."""
+    s = ctx.preset.study
+    zoo = Zoo(zoo_result["root"], cache_size=max(4, s.clients.count + 1))
+    ds = open_data(s.data.dataset, image_size=s.data.image_size, seed=s.seed, images_per_class=s.data.images_per_class)
+    cfg = method_config(ctx.preset, method, **over)
+    return zoo, ds, cfg, zoo_norm(zoo, cfg.learner.channels)
+
+
 def run_method(ctx: Ctx, deps: dict, *, method: str, zoo_job: str = "zoo:main",
                iterations: int | None = None, shots: tuple[int, ...] | None = None,
                save_generator: bool = False, tracking: bool = True) -> dict:
     p = ctx.preset
     device = torch.device(ctx.device)
     z = deps[zoo_job]
-    s, ev = p.study, p.study.evaluation
-    zoo = Zoo(z["root"], cache_size=max(4, s.clients.count + 1))
-    ds = open_data(s.data.dataset, image_size=s.data.image_size, seed=s.seed, images_per_class=s.data.images_per_class)
+    ev = p.study.evaluation
+    iterations = p.study.free.schedule.iterations if iterations is None else iterations
+    zoo, ds, cfg, norm = method_setup(ctx, z, method, iterations=iterations)
     val, test = ds.split("val"), ds.split("test")
-    iterations = s.free.schedule.iterations if iterations is None else iterations
-    cfg = method_config(p, method, iterations=iterations)
-    norm = zoo_norm(zoo, cfg.learner.channels)
     curve: list[dict] = []
     extra: dict = {}
     train_s = 0.0
@@ -156,12 +164,8 @@ def run_method(ctx: Ctx, deps: dict, *, method: str, zoo_job: str = "zoo:main",
 def _oracle(p, cfg, ds, classes, norm, device, iterations, track):
     """``baselines.train_oracle``'s loop (same MetaLearner, same episode sampler) from FREE's
     initialisation, tracked at iteration-equivalent points (meta-batches / replay.max_batches)."""
-    rep, way = cfg.replay, cfg.learner.way
-    learner = random_learner(cfg, norm=norm).to(device)
-    meta = MetaLearner(learner, rep, way=way, inner_lr=cfg.learner.inner_lr, device=device)
-    train = ds.subset("train", classes)
-    sampler = EpisodeSampler(train, way=way, shot=rep.shot, query=rep.query, seed=cfg.schedule.seed)
-    total = p.oracle_meta_batches(rep.max_batches)
+    learner, step = oracle_stepper(cfg, ds, classes, norm, device)
+    total = p.oracle_meta_batches(cfg.replay.max_batches)
     per_it = total / max(1, iterations)
     marks = {max(0, round(pt * per_it)): pt for pt in track_points(iterations, p.study.evaluation.track_every)}
     train_s = 0.0
@@ -169,14 +173,27 @@ def _oracle(p, cfg, ds, classes, norm, device, iterations, track):
         track(0, learner)
     for b in range(1, total + 1):
         t0 = time.perf_counter()
-        eps = [(to_float(e.support_x), e.support_y, to_float(e.query_x), e.query_y)
-               for e in sampler.take(rep.meta_batch)]
-        meta.maml_step(eps)
+        step()
         sync(device)
         train_s += time.perf_counter() - t0
         if b in marks:
             track(marks[b], learner)
     return learner, train_s, total
+
+
+def oracle_stepper(cfg, ds, classes, norm, device):
+    """The oracle's learner (FREE's initialisation) and a function that runs one MAML meta-batch of
+    real meta-train episodes of ``classes`` on it (``baselines.train_oracle``'s loop)."""
+    rep, way = cfg.replay, cfg.learner.way
+    learner = random_learner(cfg, norm=norm).to(device)
+    meta = MetaLearner(learner, rep, way=way, inner_lr=cfg.learner.inner_lr, device=device)
+    sampler = EpisodeSampler(ds.subset("train", classes), way=way, shot=rep.shot, query=rep.query,
+                             seed=cfg.schedule.seed)
+
+    def step() -> None:
+        meta.maml_step([(to_float(e.support_x), e.support_y, to_float(e.query_x), e.query_y)
+                        for e in sampler.take(rep.meta_batch)])
+    return learner, step
 
 
 def jobs(p) -> list[Job]:

@@ -232,16 +232,17 @@ def add_packages(zoo, items: Sequence[tuple[bytes, dict]]) -> list[dict]:
 # --------------------------------------------------------------------------------------- evaluation
 
 def evaluate_learner(learner, test, *, way: int, shots: Sequence[int], episodes: int, steps: int,
-                     lr: float, seed: int, device) -> dict[str, dict]:
+                     lr: float, seed: int, device, with_episodes: bool = False) -> dict[str, dict]:
     """The field's protocol via :func:`free_dfml.common.evaluation.evaluate`, one entry per shot,
-    each with its evaluation wall time. Same ``seed`` -> same episodes for every method."""
+    each with its evaluation wall time (and, ``with_episodes``, every episode's accuracy, for paired
+    differences). Same ``seed`` -> same episodes for every method."""
     out = {}
     for shot in shots:
         t0 = time.perf_counter()
         r = evaluate(learner, test, way=way, shot=shot, episodes=episodes, steps=steps, lr=lr,
                      seed=seed, device=device)
         sync(device)
-        out[f"{shot}shot"] = {**r.to_dict(), "eval_s": round(time.perf_counter() - t0, 2)}
+        out[f"{shot}shot"] = {**r.to_dict(with_episodes), "eval_s": round(time.perf_counter() - t0, 2)}
     return out
 
 

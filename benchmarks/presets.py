@@ -43,6 +43,7 @@ class Preset:
     heldout_clients: int = 4           # extra models, never seen in training (recovery benchmark)
     methods: tuple[str, ...] = METHODS     # the accuracy section's methods (a subset, e.g. with --set)
     oracle_batches: int | None = None  # MAML meta-batches on real data; None: iterations * replay.max_batches
+    main_zoo: str | None = None        # an earlier run's work folder (--keep-work) whose main zoo to reuse
     # recovery speed ----------------------------------------------------------------------------
     recovery_models: int = 4           # held-out models probed
     recovery_five_steps: int = 30      # FIVE (meta-initialised) steps recorded
@@ -76,6 +77,19 @@ class Preset:
     trust_iterations: int = 20
     trust_episodes: int = 200
     trust_learner_width: int = 16
+    # generation cost, time to accuracy, equal time (benchmarks/cost.py, time_to_accuracy.py, equal_time.py)
+    cost_iterations: int = 5           # inversion iterations timed per method (after one untimed)
+    cost_scratch_steps: tuple[int, ...] = (25, 200)   # fresh-generator step counts set against FIVE
+    budget_s: float = 600.0            # training wall-clock per method and seed (time_to_accuracy, equal_time)
+    budget_halvings: int = 7           # meta-val marks at budget / 2^i, i < this (resolves early times) ...
+    budget_linear: int = 6             # ... and at budget * i / this
+    budget_max_units: int = 100000     # iterations (oracle: meta-batches) at most, whatever the budget
+    tta_runs: tuple[str, ...] = ("free", "scratch-25", "scratch-200")   # the first is set against the others
+    tta_goals: tuple[float, ...] = (2.0, 10.0)         # "sooner" factor each of tta_runs[1:] is given
+    tta_thresholds: tuple[float, ...] = (0.22, 0.24, 0.26)   # meta-val 1-shot accuracies timed
+    equal_methods: tuple[str, ...] = ("random", "free", "free-noalign", "scratch-25", "oracle")
+    equal_seeds: int = 3               # training seeds study.seed, +1, ...
+    equal_pair: tuple[str, str] = ("free", "scratch-25")   # the paired difference (first - second)
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "study"}
@@ -105,7 +119,11 @@ PROBES: dict[str, dict[str, Any]] = {
                  hetero_clients=3, hetero_widths=(8, 4, 4), hetero_iterations=2, hetero_methods=("random", "average", "free"),
                  scaling_sizes=(4, 8), scaling_iterations=1, scaling_width=4, scaling_cache=2,
                  scaling_bank_mb=0.5, trust_levels=(0, 40), trust_honest=3, trust_weak=1, trust_client_epochs=1,
-                 trust_iterations=2, trust_episodes=4, trust_learner_width=8),
+                 trust_iterations=2, trust_episodes=4, trust_learner_width=8,
+                 cost_iterations=2, cost_scratch_steps=(2, 8), budget_s=0.4, budget_halvings=3, budget_linear=2,
+                 tta_runs=("free", "scratch-2", "scratch-8"), tta_thresholds=(0.2, 0.3),
+                 equal_methods=("random", "free", "scratch-2", "oracle"), equal_seeds=2,
+                 equal_pair=("free", "scratch-2")),
     # 2 CPU cores, under 30 minutes
     "quick": dict(),
     # paper-size: 100 models, Conv4-64 learner and teachers, 1000 iterations, 200 scratch steps (GPU).

@@ -1,7 +1,7 @@
 """One command for the project's performance evidence.
 
     python -m benchmarks.run --preset tiny|quick|paper [--device auto|cpu|cuda]
-                             [--out runs/bench/NAME] [--only accuracy,recovery,batched,hetero,scaling,trust,reliability]
+                             [--out runs/bench/NAME] [--only accuracy,recovery,...,cost,time_to_accuracy,equal_time]
                              [--set FIELD=VALUE ...]
 
 ``--set`` overrides a field of the preset (``benchmarks/presets.py``; VALUE is JSON when it parses),
@@ -13,7 +13,9 @@ Sections (one module each): ``accuracy`` (every method, 5-way 1/5-shot, 600 meta
 ``recovery`` (FIVE vs scratch inversion speed), ``batched`` (vmapped multi-teacher inversion vs the
 sequential loop), ``hetero`` (mixed-architecture and mixed-domain zoos), ``scaling`` (memory and
 speed vs zoo size); ``trust`` (harmful models, the data-free screen off and on) and ``reliability``
-(a real loopback server: concurrent submits, latency, kill -9) only with ``--only``.
+(a real loopback server: concurrent submits, latency, kill -9), ``cost`` (inversion seconds per
+iteration, FIVE vs fresh generators), ``time_to_accuracy`` (meta-val accuracy vs training
+wall-clock) and ``equal_time`` (meta-test at one wall-clock budget, over seeds) only with ``--only``.
 Writes ``results.json``, ``results.md`` and PNG plots into ``--out``, with the
 machine (CPU / GPU model, torch version), the preset, the seed and the command line.
 """
@@ -30,7 +32,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmarks import accuracy, batched, hetero, recovery, reliability, scaling, trust
+from benchmarks import (accuracy, batched, cost, equal_time, hetero, recovery, reliability, scaling,
+                        time_to_accuracy, trust)
 from benchmarks.common import command_line, machine_info, set_threads
 from benchmarks.jobs import Ctx, run_jobs
 from benchmarks.presets import NAMES, get_preset, parse_setting
@@ -39,8 +42,11 @@ from free_dfml.server.device import resolve_device
 
 # each section's module has jobs(preset) -> [Job] and summarize(outcomes, preset) -> dict
 MODULES = {"accuracy": accuracy, "recovery": recovery, "batched": batched, "hetero": hetero,
-           "scaling": scaling, "trust": trust, "reliability": reliability}
-OPT_IN = ("trust", "reliability")   # run only when named in --only
+           "scaling": scaling, "trust": trust, "reliability": reliability, "cost": cost,
+           "time_to_accuracy": time_to_accuracy, "equal_time": equal_time}
+OPT_IN = ("trust", "reliability", "cost", "time_to_accuracy", "equal_time")   # run only when named in --only
+# opt-in sections with their own NAME.json, NAME.md, targets and plots (also appended to results.md)
+SELF_REPORTED = ("cost", "time_to_accuracy", "equal_time")
 SECTIONS = tuple(m for m in MODULES if m not in OPT_IN)
 
 
@@ -60,9 +66,10 @@ def check_sections(only: list[str] | None, p) -> list[str]:
     bad = [s for s in sections if s not in MODULES]
     if bad:
         raise ValueError(f"unknown section(s) {bad} (known: {', '.join(MODULES)})")
-    if "recovery" in sections and "free" not in p.methods:
-        raise ValueError("the recovery section probes the generator that the accuracy section's "
-                         "'free' method trains: keep 'free' in methods or leave recovery out")
+    probes = [s for s in ("recovery", "cost") if s in sections]
+    if probes and "free" not in p.methods:
+        raise ValueError(f"the {probes[0]} section probes the generator that the accuracy section's "
+                         f"'free' method trains: keep 'free' in methods or leave {probes[0]} out")
     return sections
 
 
@@ -117,8 +124,19 @@ def run(preset: str = "quick", *, out: str | Path | None = None, device: str = "
         (out / "reliability.md").write_text(reliability.markdown(doc["sections"]["reliability"]))
     doc["targets"] = targets(doc)
     doc["plots"] = plots(doc, out)
+    extra_md = ""
+    for sec in (s for s in SELF_REPORTED if s in doc["sections"]):
+        mod, body = MODULES[sec], doc["sections"][sec]
+        (out / f"{sec}.json").write_text(json.dumps(body, indent=1, default=_json_default))
+        (out / f"{sec}.md").write_text(mod.markdown(body))
+        extra_md += "\n" + mod.markdown(body)
+        doc["targets"] += mod.targets(body)
+        try:
+            doc["plots"] += mod.plots(body, out)
+        except Exception as e:  # noqa: BLE001 - a plot must never lose the results
+            log(f"[bench] plot {sec} failed: {e}")
     (out / "results.json").write_text(json.dumps(doc, indent=1, default=_json_default))
-    (out / "results.md").write_text(markdown(doc))
+    (out / "results.md").write_text(markdown(doc) + extra_md)
     if not keep_work:
         shutil.rmtree(work, ignore_errors=True)
     log(f"[bench] done in {wall:.0f} s: {out / 'results.md'}")

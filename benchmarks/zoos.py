@@ -11,6 +11,7 @@ Client training is split over ``workers`` chunk jobs, then one job adds the pack
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -78,9 +79,31 @@ def build_zoo(ctx: Ctx, deps: dict, *, plan: str, split_at: int | None = None) -
     held_reports = add_packages(Zoo(held), items[n:]) if n < len(items) else []
     train_s = sum(r["train_s"] for r in reports + held_reports)
     classes = sorted({c for r in reports for c in r["classes"]})
-    return {"root": str(root), "heldout_root": str(held), "reports": reports, "heldout": held_reports,
-            "classes": classes, "plan_hash": plan_hash(specs), "train_s": round(train_s, 2),
-            "mean_holdout_accuracy": sum(r["holdout_accuracy"] for r in reports) / max(1, len(reports))}
+    result = {"root": str(root), "heldout_root": str(held), "reports": reports, "heldout": held_reports,
+              "classes": classes, "plan_hash": plan_hash(specs), "train_s": round(train_s, 2),
+              "mean_holdout_accuracy": sum(r["holdout_accuracy"] for r in reports) / max(1, len(reports))}
+    # beside the zoo, so that a run kept with --keep-work can lend it to another (main_zoo)
+    (Path(ctx.work) / f"zoo-{plan}.json").write_text(json.dumps(result))
+    return result
+
+
+def carried_zoo(ctx: Ctx, deps: dict, *, path: str) -> dict:
+    """The main zoo of an earlier run's work folder (``--keep-work``), copied into this run's: its
+    plan must be this preset's (same clients, classes, seeds, epochs)."""
+    src = Path(path)
+    info = json.loads((src / "zoo-main.json").read_text())
+    want = plan_hash(plan_specs(ctx.preset, "main"))
+    if info["plan_hash"] != want:
+        raise ValueError(f"the zoo in {src} was trained for another client plan ({info['plan_hash']}, "
+                         f"this preset's is {want}): same preset, seed and --set client fields needed")
+    for name, key in (("zoo-main", "root"), ("zoo-main-heldout", "heldout_root")):
+        dst = Path(ctx.work) / name
+        if dst.exists():
+            shutil.rmtree(dst)
+        if (src / name).exists():
+            shutil.copytree(src / name, dst)
+        info[key] = str(dst)
+    return {**info, "carried_from": str(src)}
 
 
 def zoo_jobs(p, plan: str, n_models: int, split_at: int | None = None, weight: float = 5.0) -> list[Job]:
@@ -94,5 +117,7 @@ def zoo_jobs(p, plan: str, n_models: int, split_at: int | None = None, weight: f
 
 def main_zoo_jobs(p) -> list[Job]:
     # first: every accuracy job (and the long scratch one) waits for this zoo
+    if p.main_zoo:
+        return [Job("zoo:main", carried_zoo, {"path": p.main_zoo}, weight=60.0)]
     n = p.study.clients.count
     return zoo_jobs(p, "main", n + p.heldout_clients, split_at=n, weight=60.0)
