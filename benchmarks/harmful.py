@@ -21,6 +21,9 @@ type               what it is
 ``weak``           an honest client with few images and epochs (held-out accuracy about 30-40%)
 =================  ==================================================================================
 
+:data:`ADAPTIVE` holds an attacker who knows the screen: ``random_calibrated``, random weights whose
+BatchNorm statistics are recomputed on real images.
+
 Training goes through :func:`free_dfml.client.train.train_client` on an in-memory data set, so a
 harmful model is trained exactly as an honest one is, only on other images or labels.
 """
@@ -103,6 +106,26 @@ def random_weights(ds, classes, *, width=32, epochs=20, seed=0, random_stats: bo
                         input_shape=ds.image_shape, mean=ds.mean, std=ds.std, training={"epochs": epochs})
 
 
+def random_calibrated(ds, classes, *, width=32, epochs=20, seed=0) -> ModelPackage:
+    """An adaptive attacker's random weights: BatchNorm statistics recomputed on the client's real
+    images, so that they look trained (not in :data:`HARMFUL_TYPES`: the screen does not catch it)."""
+    from free_dfml.common.datasets import to_float
+    from free_dfml.common.models import Normalized
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(15_000 + seed)
+        c, h, _ = ds.image_shape
+        net = build_model("conv4", num_classes=len(classes), in_channels=c, image_size=h, width=width)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None               # a cumulative average over the one pass below
+            m.reset_running_stats()
+    model = Normalized(net, ds.mean, ds.std).train()
+    with torch.no_grad():
+        model(to_float(_client_images(ds, classes).images))
+    return make_package(model.eval(), arch="conv4", arch_kwargs={"width": width}, num_classes=len(classes),
+                        input_shape=ds.image_shape, mean=ds.mean, std=ds.std, training={"epochs": epochs})
+
+
 def shuffled(ds, classes, *, width=32, epochs=20, seed=0) -> ModelPackage:
     d = _client_images(ds, classes)
     g = torch.Generator().manual_seed(20_000 + seed)
@@ -169,6 +192,7 @@ def head_permuted(ds, classes, *, width=32, epochs=20, seed=0, base: ModelPackag
     return _with_state(base, edit)
 
 
+ADAPTIVE: dict[str, Callable[..., ModelPackage]] = {"random_calibrated": random_calibrated}
 GENERATORS: dict[str, Callable[..., ModelPackage]] = {
     "honest": honest, "weak": weak, "random": random_weights, "shuffled": shuffled, "noise": noise,
     "other_data": other_data, "constant": constant, "lying_norm": lying_norm, "head_permuted": head_permuted}
@@ -176,6 +200,7 @@ GENERATORS: dict[str, Callable[..., ModelPackage]] = {
 
 def make(kind: str, ds, classes, **kw) -> ModelPackage:
     """A model of type ``kind`` (:data:`GENERATORS`) for ``classes`` of ``ds``'s train split."""
-    if kind not in GENERATORS:
-        raise ValueError(f"unknown model type {kind!r} (known: {', '.join(GENERATORS)})")
-    return GENERATORS[kind](ds, classes, **kw)
+    gens = {**GENERATORS, **ADAPTIVE}
+    if kind not in gens:
+        raise ValueError(f"unknown model type {kind!r} (known: {', '.join(gens)})")
+    return gens[kind](ds, classes, **kw)

@@ -218,6 +218,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--probe", action="store_true",
                     help="only the trusted-probe signal (10 meta-val classes x 10 images; writes probe.json / probe.md)")
+    ap.add_argument("--adaptive", action="store_true",
+                    help="with --chosen: also 3 random_calibrated models (benchmarks.harmful.ADAPTIVE)")
     ap.add_argument("--chosen", action="store_true",
                     help="the screen's own signals and verdicts (server/screen.py) instead of the candidates "
                          "(writes chosen.json / chosen.md)")
@@ -227,6 +229,11 @@ def main(argv=None) -> int:
     from free_dfml.server.meta_generator import Teacher
     ds = open_dataset("glyphs", image_size=32, seed=0, images_per_class=100)
     models = build_models(ds, Path(a.cache), a.honest, a.each)
+    if a.adaptive:
+        from benchmarks import harmful
+        models += [("random_calibrated", f"random_calibrated-{i}",
+                    harmful.make("random_calibrated", ds, list(range(5 * (40 + i), 5 * (41 + i))), seed=i))
+                   for i in range(a.each)]
     rows = []
     probe = probe_set(ds) if a.probe else None
     for kind, name, pkg in models:
@@ -252,8 +259,9 @@ def main(argv=None) -> int:
                     for kind in kinds}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "probe" if a.probe else "chosen" if a.chosen else "signals"
-    cmd = "python -m experiments.screen_signals" + (" --probe" if a.probe else " --chosen" if a.chosen else "")
+    stem = "probe" if a.probe else ("adaptive" if a.adaptive else "chosen") if a.chosen else "signals"
+    cmd = "python -m experiments.screen_signals" + (" --probe" if a.probe else " --chosen" if a.chosen else "") \
+        + (" --adaptive" if a.adaptive else "")
     (out / f"{stem}.json").write_text(json.dumps({"command": cmd, "rows": rows, "auc": table}, indent=1))
     lines = ["| signal | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
     for k in keys:
