@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from benchmarks import accuracy
 from benchmarks.jobs import Ctx, Job
 from benchmarks.recovery import agreement
-from benchmarks.report import _plt, _save
+from benchmarks.report import _plt, _save, run_lines
 from free_dfml.server.meta_generator import class_targets
 from free_dfml.server.trainer import FreeConfig, FreeTrainer
 from free_dfml.server.zoo import Zoo
@@ -108,7 +108,7 @@ def targets(sec: dict) -> list[dict]:
 
 
 def markdown(sec: dict) -> str:
-    L = ["## Generation cost", ""]
+    L = ["## Generation cost", "", *run_lines(sec)]
     if "error" in sec:
         return "\n".join(L + ["failed:", "```", sec["error"][-2000:], "```", ""])
     L += [f"Inversion seconds per iteration on `{sec['device']}`, mean of {sec['iterations']} iterations: T = "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 from benchmarks.jobs import Job
+from benchmarks.report import run_lines
 from benchmarks.time_to_accuracy import budget_job, outcome_rows, run_row, run_spec
 from benchmarks.zoos import main_zoo_jobs
 from free_dfml.common.evaluation import paired
@@ -99,7 +100,7 @@ def _pm(x: float, ci: float | None) -> str:
 
 def markdown(sec: dict) -> str:
     shots = sorted({k for r in sec["methods"].values() for k in r["mean"]})
-    L = ["## Better at equal time", "",
+    L = ["## Better at equal time", "", *run_lines(sec),
          f"Every method trained for {sec['budget_s']:g} s of training wall-clock at seeds "
          f"{', '.join(map(str, sec['seeds']))}; the checkpoint chosen on meta-val; meta-test 5-way, the same "
          "episodes for every run; mean over seeds ± 95% t-interval of the seeds.", "",

@@ -30,6 +30,28 @@ def _f(x: Any, nd: int = 2, suffix: str = "") -> str:
     return f"{x}{suffix}"
 
 
+def run_record(doc: dict) -> dict:
+    """What a section that writes its own NAME.json / NAME.md carries of the run: a time budget or a
+    seconds ratio means little without the machine and its load."""
+    m = doc["machine"]
+    return {"command": doc["command"], "started": doc["started"], "preset": doc["preset"],
+            "commit": (doc.get("git") or {}).get("commit"),
+            "machine": {k: m.get(k) for k in ("cpu", "cpu_cores", "memory_gib", "gpu", "device", "torch",
+                                              "torch_threads", "load_average_start", "load_average_end")}}
+
+
+def run_lines(sec: dict) -> list[str]:
+    """The Markdown lines of :func:`run_record` (none without it)."""
+    r = sec.get("run")
+    if not r:
+        return []
+    m = r["machine"]
+    return [f"- command: `{r['command']}` (started {r['started']}, commit `{(r.get('commit') or '?')[:12]}`)",
+            f"- machine: {m['cpu']} ({m['cpu_cores']} cores, {m['memory_gib']} GiB), GPU: {m['gpu'] or 'none'}; "
+            f"device `{m['device']}`, {m['torch_threads']} torch thread(s), torch {m['torch']}; load average "
+            f"{m['load_average_start']} at start, {m['load_average_end']} at end", ""]
+
+
 # ---------------------------------------------------------------------------------------- targets
 
 def targets(doc: dict) -> list[dict]:

@@ -37,7 +37,7 @@ from benchmarks import (accuracy, batched, cost, equal_time, hetero, recovery, r
 from benchmarks.common import command_line, machine_info, set_threads
 from benchmarks.jobs import Ctx, run_jobs
 from benchmarks.presets import NAMES, get_preset, parse_setting
-from benchmarks.report import markdown, plots, targets
+from benchmarks.report import markdown, plots, run_record, targets
 from free_dfml.server.device import resolve_device
 
 # each section's module has jobs(preset) -> [Job] and summarize(outcomes, preset) -> dict
@@ -126,7 +126,8 @@ def run(preset: str = "quick", *, out: str | Path | None = None, device: str = "
     doc["plots"] = plots(doc, out)
     extra_md = ""
     for sec in (s for s in SELF_REPORTED if s in doc["sections"]):
-        mod, body = MODULES[sec], doc["sections"][sec]
+        mod, body = MODULES[sec], {**doc["sections"][sec], "run": run_record(doc)}
+        doc["sections"][sec] = body
         (out / f"{sec}.json").write_text(json.dumps(body, indent=1, default=_json_default))
         (out / f"{sec}.md").write_text(mod.markdown(body))
         extra_md += "\n" + mod.markdown(body)

@@ -32,7 +32,7 @@ import torch
 from benchmarks.accuracy import method_setup, oracle_stepper, track_eval
 from benchmarks.common import evaluate_learner, sync
 from benchmarks.jobs import Ctx, Job
-from benchmarks.report import _plt, _save
+from benchmarks.report import _plt, _save, run_lines
 from benchmarks.zoos import main_zoo_jobs
 from free_dfml.server.baselines import random_learner
 from free_dfml.server.trainer import FreeTrainer
@@ -181,7 +181,7 @@ def _acc(x: float | None) -> str:
 
 
 def markdown(sec: dict) -> str:
-    L = [f"## {TITLE}", "",
+    L = [f"## {TITLE}", "", *run_lines(sec),
          f"Budget {sec['budget_s']:g} s of training wall-clock per method (training seed {sec['seed']}); "
          "meta-val 5-way 1-shot, the same episodes at every point and for every method.", "",
          "| method | iterations reached | training s | best meta-val 1-shot (%) | at s | "

@@ -17,8 +17,8 @@ def bench(tmp_path_factory):
 
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("sections")
-    small = {"clients.count": 3, "clients.epochs": 1, "evaluation.episodes": 3, "evaluation.track_episodes": 2,
-             "evaluation.track_every": 0}
+    small = {"clients.count": 3, "clients.epochs": 1, "evaluation.episodes": 2, "evaluation.track_episodes": 2,
+             "evaluation.track_every": 0, "budget_halvings": 2, "budget_linear": 1}
     doc = run("tiny", out=out, only=list(SECTIONS), log=lambda s: None, dataset="synthetic", heldout_clients=0,
               **small, budget_s=0.3, equal_seeds=2, tta_runs=["free", "scratch-2"], tta_goals=[2.0])
     return doc, out
@@ -29,7 +29,10 @@ def test_sections_write_json_markdown_plots_and_targets(bench):
     assert not doc["job_errors"], doc["job_errors"]
     assert set(doc["sections"]) == set(SECTIONS)
     for sec in SECTIONS:
-        assert json.loads((out / f"{sec}.json").read_text()) == json.loads(json.dumps(doc["sections"][sec]))
+        body = json.loads((out / f"{sec}.json").read_text())
+        assert body == json.loads(json.dumps(doc["sections"][sec]))
+        assert body["run"]["machine"]["cpu"] and body["run"]["preset"] == "tiny"    # a budget needs its machine
+        assert "- machine: " in (out / f"{sec}.md").read_text()
     md = (out / "results.md").read_text()
     for heading in ("## Generation cost", "## Time to accuracy", "## Better at equal time"):
         assert heading in md
