@@ -28,9 +28,17 @@ def seeds(p) -> list[int]:
     return [p.study.seed + i for i in range(p.equal_seeds)]
 
 
-def jobs(p) -> list[Job]:
+def check(p) -> None:
+    """A ValueError for settings this section cannot run with (before any work starts)."""
     for n in p.equal_methods:
         run_spec(n)
+    if len(p.equal_pair) != 2 or not set(p.equal_pair) <= set(p.equal_methods) or p.equal_seeds < 1:
+        raise ValueError(f"equal_pair must name two of equal_methods ({list(p.equal_methods)}), "
+                         "and equal_seeds must be >= 1")
+
+
+def jobs(p) -> list[Job]:
+    check(p)
     return main_zoo_jobs(p) + [budget_job(p, n, s) for s in seeds(p) for n in p.equal_methods]
 
 

@@ -66,6 +66,8 @@ def check_sections(only: list[str] | None, p) -> list[str]:
     bad = [s for s in sections if s not in MODULES]
     if bad:
         raise ValueError(f"unknown section(s) {bad} (known: {', '.join(MODULES)})")
+    for s in sections:                              # a section's own check of its settings
+        getattr(MODULES[s], "check", lambda _: None)(p)
     probes = [s for s in ("recovery", "cost") if s in sections]
     if probes and "free" not in p.methods:
         raise ValueError(f"the {probes[0]} section probes the generator that the accuracy section's "

@@ -43,8 +43,9 @@ PLOT = "time_to_accuracy.png"
 
 def run_spec(name: str) -> tuple[str, dict]:
     """The accuracy section's method and FreeConfig overrides a run name stands for."""
-    if name.startswith("scratch-"):
-        return "scratch", {"generator.scratch_steps": int(name.split("-", 1)[1])}
+    steps = name.split("-", 1)[1] if name.startswith("scratch-") else ""
+    if steps.isdigit() and int(steps) > 0:
+        return "scratch", {"generator.scratch_steps": int(steps)}
     if name in ("random", "free", "free-noalign", "oracle"):
         return name, {}
     raise ValueError(f"unknown budget run {name!r} (random, free, free-noalign, oracle or scratch-N)")
@@ -115,9 +116,17 @@ def budget_job(p, name: str, seed: int) -> Job:
                deps=("zoo:main",), weight=20.0 if name != "random" else 1.0)
 
 
-def jobs(p) -> list[Job]:
+def check(p) -> None:
+    """A ValueError for settings this section cannot run with (before any work starts)."""
     for n in p.tta_runs:
         run_spec(n)
+    if len(p.tta_goals) != len(p.tta_runs) - 1 or p.budget_s <= 0:
+        raise ValueError(f"tta_goals needs one goal for each of tta_runs after the first ({list(p.tta_runs[1:])}), "
+                         "and budget_s must be > 0")
+
+
+def jobs(p) -> list[Job]:
+    check(p)
     return main_zoo_jobs(p) + [budget_job(p, n, p.study.seed) for n in p.tta_runs]
 
 

@@ -123,3 +123,15 @@ def test_paired_difference_gap_share_and_sooner_ratio_follow_the_numbers(bench):
     for n, r in tta["runs"].items():
         for t, secs in tta["reach_s"][n].items():
             assert secs == next((x["train_s"] for x in r["curve"] if x["acc"] >= float(t)), None)
+
+
+@pytest.mark.parametrize("setting, msg", [('tta_runs=["free", "scratch-x"]', "unknown budget run 'scratch-x'"),
+                                          ('equal_pair=["free", "average"]', "equal_pair must name two"),
+                                          ("tta_goals=[2]", "tta_goals needs one goal"),
+                                          ('methods=["random"]', "the cost section probes")])
+def test_bad_section_settings_are_refused_before_any_work(setting, msg, capsys):
+    from benchmarks.run import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--preset", "tiny", "--only", ",".join(SECTIONS), "--set", setting, "--out", "/nonexistent/never"])
+    assert e.value.code == 2 and msg in capsys.readouterr().err
