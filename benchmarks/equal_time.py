@@ -15,11 +15,12 @@ from __future__ import annotations
 import math
 
 from benchmarks.jobs import Job
-from benchmarks.report import run_lines
+from benchmarks.report import _plt, _save, run_lines
 from benchmarks.time_to_accuracy import budget_job, outcome_rows, run_row, run_spec
 from benchmarks.zoos import main_zoo_jobs
 from free_dfml.common.evaluation import paired
 
+PLOT = "equal_time.png"
 # two-sided 95% quantiles of Student's t, by degrees of freedom
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -134,4 +135,21 @@ def markdown(sec: dict) -> str:
 
 
 def plots(sec: dict, out) -> list[str]:
-    return []
+    """Meta-test accuracy per method and shot at the budget: the seeds' mean, their t-interval, each seed."""
+    methods = sec.get("methods") or {}
+    shots = sorted({k for r in methods.values() for k in r["mean"]})
+    if not methods:
+        return []
+    fig, ax = _plt().subplots(figsize=(6.4, 3.8))
+    width = 0.8 / max(1, len(shots))
+    for j, k in enumerate(shots):
+        xs = [i + (j - (len(shots) - 1) / 2) * width for i in range(len(methods))]
+        ax.bar(xs, [100 * r["mean"][k] for r in methods.values()], width=width,
+               yerr=[100 * (r["seed_ci95"][k] or 0.0) for r in methods.values()], capsize=3,
+               label=k.replace("shot", "-shot"))
+        for x, r in zip(xs, methods.values()):
+            ax.plot([x] * len(r["runs"]), [100 * run["results"][k]["mean"] for run in r["runs"]], "k.", ms=3)
+    ax.set_xticks(range(len(methods)), list(methods))
+    _save(fig, ax, out / PLOT, title=f"Meta-test accuracy at {sec['budget_s']:g} s of training (seeds: dots)",
+          xlabel=None, ylabel="5-way accuracy (%)", grid=False)
+    return [PLOT]

@@ -37,7 +37,7 @@ def test_sections_write_json_markdown_plots_and_targets(bench):
     for heading in ("## Generation cost", "## Time to accuracy", "## Better at equal time"):
         assert heading in md
     assert "## Generation cost" in (out / "cost.md").read_text()
-    for png in ("generation_cost.png", "time_to_accuracy.png"):
+    for png in ("generation_cost.png", "time_to_accuracy.png", "equal_time.png"):
         assert png in doc["plots"] and (out / png).stat().st_size > 1000
     names = " ".join(t["target"] for t in doc["targets"])
     assert "generation cost, scratch-8 / FIVE" in names and "time to scratch-2's best" in names
