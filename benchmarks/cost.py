@@ -137,6 +137,7 @@ def plots(sec: dict, out) -> list[str]:
         ax.text(i, x["s_per_iteration"], f"CE {x['ce']:.2f}\nconf {x['confidence']:.2f}", ha="center",
                 va="bottom", fontsize=7)
     ax.set_yscale("log")
+    ax.set_ylim(top=4 * max(sec["runs"][n]["s_per_iteration"] for n in names))   # room for the labels
     _save(fig, ax, out / PLOT, title=f"Generation cost ({sec['device']}, T = {sec['T']}, m = {sec['m']})",
           xlabel=None, ylabel="inversion seconds per iteration (log)", grid=False)
     return [PLOT]
