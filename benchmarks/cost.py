@@ -29,6 +29,7 @@ from benchmarks import accuracy
 from benchmarks.jobs import Ctx, Job
 from benchmarks.recovery import agreement
 from benchmarks.report import _plt, _save, run_lines
+from free_dfml.server.inversion_engine import inversion_engine
 from free_dfml.server.meta_generator import class_targets
 from free_dfml.server.trainer import FreeConfig, FreeTrainer
 from free_dfml.server.zoo import Zoo
@@ -59,13 +60,15 @@ def run(ctx: Ctx, deps: dict) -> dict:
         schedule={"warmup": n + 1, "iterations": n + 1, "seed": p.study.seed, "eval_every": 0})
     zoo = Zoo(deps["zoo:main"]["root"], cache_size=max(4, p.study.clients.count + 1))
     runs = {"five": base}
+    if inversion_engine(base.generator.engine, ctx.device).name != "loop":   # a batched FIVE (GPU): the loop too
+        runs["five-loop"] = base.replace(generator={"engine": "loop"})
     for steps in p.cost_scratch_steps:
         runs[f"scratch-{steps}"] = base.replace(generator={"inversion": "scratch", "scratch_steps": steps})
     out: dict = {"runs": {}, "k": base.generator.inner_steps, "T": base.schedule.teachers_per_iter,
                  "m": base.generator.samples_per_class, "iterations": n, "device": ctx.device}
     for name, cfg in runs.items():
         trainer = FreeTrainer(zoo, cfg, device=ctx.device)
-        if name == "five":
+        if name.startswith("five"):
             trainer.metagen.generator.load_state_dict(load_file(free["generator_path"], device=ctx.device))
         secs, q = [], []
         for i in range(n + 1):
@@ -75,7 +78,8 @@ def run(ctx: Ctx, deps: dict) -> dict:
                 q.append(quality(trainer, p.recovery_confidence))
         teachers = [mid for mid, _, _ in trainer.last_inversions]
         out["runs"][name] = {
-            "steps": cfg.generator.inner_steps if name == "five" else cfg.generator.scratch_steps,
+            "steps": cfg.generator.inner_steps if name.startswith("five") else cfg.generator.scratch_steps,
+            "engine": trainer.engine.name if name.startswith("five") else "loop (one generator a teacher)",
             "seconds": secs, "s_per_iteration": statistics.fmean(secs), "median_s": statistics.median(secs),
             **{k: statistics.fmean(x[k] for x in q) for k in ("ce", "confidence", "agreement")},
             "last_teachers": teachers, "images_per_teacher": len(trainer.last_inversions[0][2])}
@@ -95,6 +99,9 @@ def summarize(outcomes: dict, p) -> dict:
     r = dict(o.result)
     five = r["runs"]["five"]["s_per_iteration"]
     r["ratios"] = {n: x["s_per_iteration"] / five for n, x in r["runs"].items() if n != "five"}
+    if "five-loop" in r["runs"]:         # the same ratio against FIVE run by the loop engine
+        r["ratios_loop"] = {n: x["s_per_iteration"] / r["runs"]["five-loop"]["s_per_iteration"]
+                            for n, x in r["runs"].items() if n.startswith("scratch")}
     r["against"] = f"scratch-{max(p.cost_scratch_steps)}"
     return r
 
@@ -111,17 +118,19 @@ def markdown(sec: dict) -> str:
     L = ["## Generation cost", "", *run_lines(sec)]
     if "error" in sec:
         return "\n".join(L + ["failed:", "```", sec["error"][-2000:], "```", ""])
+    loop = sec.get("ratios_loop") or {}
     L += [f"Inversion seconds per iteration on `{sec['device']}`, mean of {sec['iterations']} iterations: T = "
           f"{sec['T']} teachers, m = {sec['m']} images a class; FIVE's k = {sec['k']} steps from the trained "
           "meta-generator (with its meta-update) against a fresh generator a teacher. Quality on the images "
           "each recovers: the teacher's cross-entropy, its mean confidence in the target class, and the share "
           "it gives the target with confidence >= the recovery threshold.", "",
-          "| method | steps a teacher | s / iteration | median s | ratio to FIVE | teacher CE | confidence | "
-          "agreement |", "|---|---|---|---|---|---|---|---|"]
+          "| method | steps a teacher | engine | s / iteration | median s | ratio to FIVE | teacher CE | "
+          "confidence | agreement |", "|---|---|---|---|---|---|---|---|---|"]
     for n, x in sec["runs"].items():
         ratio = sec["ratios"].get(n)
-        L.append(f"| {n} | {x['steps']} | {x['s_per_iteration']:.3f} | {x['median_s']:.3f} | "
-                 f"{'1' if ratio is None else f'{ratio:.1f}'}x | {x['ce']:.3f} | {x['confidence']:.3f} | "
+        vs_loop = f" ({loop[n]:.1f}x FIVE-loop)" if n in loop else ""
+        L.append(f"| {n} | {x['steps']} | {x['engine']} | {x['s_per_iteration']:.3f} | {x['median_s']:.3f} | "
+                 f"{'1' if ratio is None else f'{ratio:.1f}'}x{vs_loop} | {x['ce']:.3f} | {x['confidence']:.3f} | "
                  f"{x['agreement']:.3f} |")
     return "\n".join(L) + "\n"
 
