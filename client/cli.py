@@ -20,8 +20,10 @@ import json
 import os
 import re
 import socket
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -330,10 +332,17 @@ def submit(
             return supernode_command(host, port, " ".join(cfg), _free_port(), root_cert, auth_key)
         log_path = keep_logs if keep_logs is not None else Path(tmp) / "supernode.log"
         try:
+            started = time.time()
+            result = None
             if validator is not None:           # before any SuperNode connects (see client/submit.py)
-                validator.wait()
+                try:
+                    validator.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    pass
                 gate()
-            result = submit_with_retries(cmd_for, Path(tmp), log_path, timeout, gate=gate)
+            if validator is None or checked:
+                result = submit_with_retries(cmd_for, Path(tmp), log_path, timeout - (time.time() - started),
+                                             gate=gate)
         finally:
             if validator is not None and validator.poll() is None:
                 validator.kill()

@@ -56,7 +56,7 @@ from free_dfml.server.zoo import Zoo
 LOG = logging.getLogger("free_dfml.server")
 NODE_GONE_S = 60.0        # forget a pending query whose node has left for this long
 LINK_STALL_S = 5.0        # a poll running this long counts as a stalled SuperLink link
-REASK_S = 180.0           # a connected node whose query has had no reply this long is asked again
+REASK_S = 600.0           # a connected node whose query has had no reply this long is asked again
 PULL_WAIT_S = 2.0         # a poll waits this long for its reply pulls; slower ones finish later
 PULL_WORKERS = 8
 
