@@ -106,13 +106,16 @@ def run_attempt(cmd: list[str], ack: Path, log_path: Path, env: dict, cwd: str, 
         start = log.tell()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd)
     sent_at = None
+    done = False
     try:
         while time.time() < end:
             if gate is not None and gate():
                 gate = None
             if ack.exists():
                 try:
-                    return Attempt(ack=json.loads(ack.read_text()))
+                    doc = json.loads(ack.read_text())
+                    done = True
+                    return Attempt(ack=doc)
                 except json.JSONDecodeError:
                     pass            # written atomically; a partial read is retried
             text = _read_from(log_path, start)
@@ -132,8 +135,9 @@ def run_attempt(cmd: list[str], ack: Path, log_path: Path, env: dict, cwd: str, 
             time.sleep(0.1)
         return Attempt()
     finally:
-        # nothing left to wait for (the ack's own empty reply is not needed): stop at once
-        left = stop_process_tree(proc, timeout=STOP_WAIT_S)
+        # acknowledged: nothing left to wait for (the server does not need the ack's empty reply),
+        # so no graceful exit either
+        left = stop_process_tree(proc, timeout=0.3 if done else STOP_WAIT_S)
         if left:
             print(f"free-client: warning: SuperNode processes still alive: {left}", file=sys.stderr)
 
