@@ -234,8 +234,10 @@ def test_submit_prints_the_audit_or_refuses_a_foreign_one(noisy, models, tmp_pat
     write_report(doc, tmp_path / "audit")
     other = tmp_path / "dp.safetensors"
     save_package(dp, other)
+    # refused after the local validation, before anything starts or is sent (the validation counts
+    # against --timeout, so a short one would fail first on a loaded machine)
     rc = run_cli(app, "free-client", ["submit", "--model", str(other), "--server", "127.0.0.1:9",
-                                      "--audit", str(tmp_path / "audit"), "--timeout", "1"])
+                                      "--audit", str(tmp_path / "audit"), "--timeout", "120"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "not of this package" in err and len(err.splitlines()) == 1
     rc = run_cli(app, "free-client", ["submit", "--model", str(other), "--server", "127.0.0.1:9", "--no-verify",
