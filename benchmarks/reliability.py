@@ -17,7 +17,7 @@ A real ``free-server start --preset tiny`` (flower-superlink + the FREE ServerAp
 
 In the harness: ``python -m benchmarks.run --preset quick --only reliability`` (opt-in: it starts
 real processes); the sizes per preset are :data:`SETTINGS` (``tiny``: a burst of 3, one kill
-round, about 3 minutes on 2 cores; ``quick``: bursts of 10 and 20, 3 kill rounds; ``paper``:
+round, 5-7 minutes on 2 cores; ``quick``: bursts of 10 and 20, 3 kill rounds; ``paper``:
 bursts of 10, 20 and 50, 10 kill rounds). Other sizes: the standalone command,
 ``python -m benchmarks.reliability --bursts 10,20 --single 5 --kill-rounds 3 --out FILE``.
 Writes ``reliability.json`` and ``reliability.md`` beside the harness's results.
@@ -286,7 +286,7 @@ def kill_loop(srv: Server, pool: list[tuple[Path, str]], rounds: int, *, per_rou
         victim = ("supervisor", "superlink", "serverapp")[rnd % 3]
         delay = rng.uniform(0.5, 8.0)
         with ThreadPoolExecutor(len(batch) + 1) as ex:
-            futs = [ex.submit(srv.submit, m[0], 180) for m in batch]
+            futs = [ex.submit(srv.submit, m[0], 90) for m in batch]   # cut off by a kill: sent again later
             time.sleep(delay)
             pid = srv.pids().get(victim)
             killed = False
