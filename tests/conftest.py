@@ -24,18 +24,33 @@ from fake_data import FakeFewShotDataset  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    """Order and group the tests for `make test`'s parallel run (pytest-xdist, ``--dist loadgroup``).
-
-    The real-process tests (marked slow) go first: they spend most of their time waiting on other
-    processes, so started early they overlap with the CPU-bound tests instead of forming the tail.
-    A test that uses a module-scoped fixture is grouped with its module, so that one worker builds
-    the fixture (a server, a trained zoo) once; every other test is scheduled on its own."""
+    """The real-process tests (marked slow) run first: they spend most of their time waiting on
+    other processes, so in `make test`'s parallel run they overlap the CPU-bound tests instead of
+    forming the tail."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)      # stable: slow ones first
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        defs = info.name2fixturedefs.values() if info is not None else ()
-        if any(d[-1].scope == "module" for d in defs if d):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`make test`'s schedule (pytest-xdist, ``--dist loadgroup``): the tests of a module that has a
+    module-scoped fixture (a running server, a trained zoo) go to one worker, which builds it once;
+    every other test is scheduled on its own. (xdist's ``xdist_group`` marks do not reach its
+    scheduler under pytest 9, whose node ids can no longer be rewritten, so the groups are made here.)"""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False      # keep the collection order: the slow tests first
+
+    here = Path(__file__).parent
+    grouped = {p.name for p in here.glob("test_*.py") if 'scope="module"' in p.read_text()}
+
+    class ModuleFixtureGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return path if Path(path).name in grouped else nodeid
+
+    return ModuleFixtureGroups(config, log)
 
 
 @pytest.fixture(scope="session")
