@@ -41,6 +41,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from benchmarks.jobs import Job
+
 BIN = Path(sys.executable).parent
 
 
@@ -378,7 +380,6 @@ def run_section(ctx, deps) -> dict:
 
 
 def jobs(p):
-    from benchmarks.jobs import Job
     return [Job("reliability", run_section, weight=0.5)]
 
 
