@@ -34,6 +34,8 @@ def pytest_collection_modifyitems(config, items):
 def pytest_xdist_make_scheduler(config, log):
     """`make test`'s schedule (pytest-xdist, ``--dist loadgroup``): the tests of a module that has a
     module-scoped fixture (a running server, a trained zoo) go to one worker, which builds it once;
+    the modules that start real servers on loopback (they import tests/loopback.py) share one worker,
+    one test at a time, so that no two process trees of servers and clients compete for the CPU;
     every other test is scheduled on its own. (xdist's ``xdist_group`` marks do not reach its
     scheduler under pytest 9, whose node ids can no longer be rewritten, so the groups are made here.)"""
     if config.getvalue("dist") != "loadgroup":
@@ -42,13 +44,17 @@ def pytest_xdist_make_scheduler(config, log):
 
     config.option.loadscopereorder = False      # keep the collection order: the slow tests first
 
-    here = Path(__file__).parent
-    grouped = {p.name for p in here.glob("test_*.py") if 'scope="module"' in p.read_text()}
+    groups = {}
+    for path in Path(__file__).parent.glob("test_*.py"):
+        text = path.read_text()
+        if "from loopback import" in text:
+            groups[path.name] = "loopback"
+        elif 'scope="module"' in text:
+            groups[path.name] = path.name
 
     class ModuleFixtureGroups(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            path = nodeid.split("::", 1)[0]
-            return path if Path(path).name in grouped else nodeid
+            return groups.get(Path(nodeid.split("::", 1)[0]).name, nodeid)
 
     return ModuleFixtureGroups(config, log)
 
