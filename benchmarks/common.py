@@ -141,14 +141,7 @@ class SyntheticDataset:
         return list(self._splits[split].classes)
 
     def subset(self, split: str, classes: Sequence[int]):
-        data = self._splits[split]
-        idx, labels = [], []
-        for new, c in enumerate(classes):
-            i = torch.nonzero(data.labels == c).flatten()
-            idx.append(i)
-            labels.append(torch.full((len(i),), new, dtype=torch.int64))
-        idx_t = torch.cat(idx)
-        return SplitData(data.images[idx_t], torch.cat(labels), [data.classes[c] for c in classes])
+        return self._splits[split].take(classes)
 
 
 _DATA_CACHE: dict[tuple, Any] = {}

@@ -55,13 +55,7 @@ class ArrayData:
         self.n = int(labels.max()) + 1
 
     def subset(self, split: str, classes: Sequence[int]) -> SplitData:
-        idx, labels = [], []
-        for new, c in enumerate(classes):
-            i = torch.nonzero(self.labels == c).flatten()
-            idx.append(i)
-            labels.append(torch.full((len(i),), new, dtype=torch.int64))
-        ix = torch.cat(idx)
-        return SplitData(self.images[ix], torch.cat(labels), [f"class-{c}" for c in classes])
+        return SplitData(self.images, self.labels, [f"class-{c}" for c in range(self.n)]).take(classes)
 
 
 def _train(data, classes: Sequence[int], *, width: int, epochs: int, seed: int, split: str = "train"

@@ -46,6 +46,15 @@ class SplitData:
             self._class_indices = list(torch.split(order, counts))
         return self._class_indices
 
+    def take(self, classes: Sequence[int]) -> "SplitData":
+        """Just the images of ``classes`` (indices into this split), relabelled 0..k-1 in that order."""
+        index = self.class_indices()
+        parts = [index[c] for c in classes]
+        idx = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+        labels = torch.cat([torch.full((len(p),), k, dtype=torch.int64) for k, p in enumerate(parts)]) \
+            if parts else torch.empty(0, dtype=torch.int64)
+        return SplitData(self.images[idx], labels, [self.classes[c] for c in classes])
+
     @property
     def num_classes(self) -> int:
         return len(self.classes)
@@ -138,13 +147,7 @@ class FewShotDataset:
     def subset(self, split: str, classes: Sequence[int]) -> SplitData:
         """Just the images of ``classes`` (indices into the split), relabelled 0..k-1 in the given order."""
         data = self.split(split)
-        cls = _check_classes(classes, data.num_classes, split)
-        index = data.class_indices()
-        parts = [index[c] for c in cls]
-        idx = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
-        labels = torch.cat([torch.full((len(p),), k, dtype=torch.int64) for k, p in enumerate(parts)]) \
-            if parts else torch.empty(0, dtype=torch.int64)
-        return SplitData(data.images[idx], labels, [data.classes[c] for c in cls])
+        return data.take(_check_classes(classes, data.num_classes, split))
 
     # normalisation: from the meta-train split unless a subclass fixes it
     @property
