@@ -164,6 +164,8 @@ def status(state_dir: Path = STATE_OPT,
         stalled = (st.get("link") or {}).get("stalled_s") or 0
         if stalled:
             print(f"link       the SuperLink has not answered for {stalled:.0f} s (training goes on)")
+        if (st.get("link") or {}).get("last_error"):
+            print(f"link       the last poll failed: {st['link']['last_error']}")
         it = tr.get("iteration", 0)
         print(f"training   iteration {it}" + (" (running)" if tr.get("running") else "") +
               (f"  error: {tr['error']}" if tr.get("error") else ""))
@@ -175,6 +177,13 @@ def status(state_dir: Path = STATE_OPT,
             print(f"evaluation {json.dumps({k: v for k, v in ev.items() if k != 'time'}, default=str)}")
     else:
         print("no status yet")
+    if pid and rec.get("phase") == "recovering":
+        print("recovery   the run was lost: the ServerApp is being submitted again")
+    for r in (rec.get("recoveries") or [])[-3:]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.get("time") or 0))
+        print(f"recovered  {when}  run {r.get('run_id')} -> {r.get('new_run_id', '?')}: {r.get('reason')}")
+    if rec.get("recovery_count"):
+        print(f"           {rec['recovery_count']} recoveries since the server started (server.json lists the last)")
 
 
 @app.command()

@@ -28,7 +28,9 @@ main loop while it waits: once a poll has lasted ``LINK_STALL_S`` seconds it kee
 current (training goes on; ``link.stalled_s`` says how long the SuperLink has not answered), and a
 stop request during the wait stops training and checkpoints without waiting for the SuperLink.
 The service stops on ``stop.request``, on :meth:`FreeServer.shutdown` (flwr's exit handler for
-SIGTERM/SIGINT) and when the supervisor process is gone.
+SIGTERM/SIGINT) and when the supervisor process is gone. After every poll that succeeded and every
+reply it handled, it marks its progress in ``STATE/serverapp.alive`` (server/liveness.py): the
+supervisor stops and resubmits a ServerApp that has made none for ``lost-after`` seconds.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from free_dfml.common.package import PackageError
 from free_dfml.common.processes import pid_alive
 from free_dfml.common.wire import (TRANSPORT_ERRORS, ack_message, content_to_package, describe_content,
                                    query_message)
+from free_dfml.server.liveness import Liveness
 from free_dfml.server.policy import admission_refusal
 from free_dfml.server.settings import ServerSettings
 from free_dfml.server.state import StateDir, build_status, read_json
@@ -102,6 +105,8 @@ class FreeServer:
         self._shut_done = threading.Event()
         self._poll_since: float | None = None     # when the poll in progress began (None: none)
         self._last_poll_ok: float | None = None
+        self._last_error: str | None = None       # the last failed poll's error, until one succeeds
+        self.liveness = Liveness(self.state, run_id)
         self._watchdog: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(PULL_WORKERS, thread_name_prefix="free-pull")
         self._pulling: dict[str, Future] = {}     # message id -> its pull in flight
@@ -171,6 +176,7 @@ class FreeServer:
                                 bounded_reason(reply.error.reason, 200))
                     continue
                 outcome = self.handle_reply(reply, node_id)
+                self.liveness.beat()
                 self.heard[node_id] = outcome
                 ack_ids = list(self.grid.push_messages([ack_message(node_id, outcome)]))
                 self.acks.update((a, now) for a in ack_ids if a)
@@ -233,7 +239,7 @@ class FreeServer:
         progress has waited once that passes ``LINK_STALL_S`` (else 0)."""
         since = self._poll_since
         waited = time.time() - since if since is not None else 0.0
-        return {"last_ok": self._last_poll_ok,
+        return {"last_ok": self._last_poll_ok, "last_error": self._last_error,
                 "stalled_s": round(waited, 1) if waited >= self.LINK_STALL_S else 0.0}
 
     def write_status(self, force: bool = False) -> None:
@@ -310,9 +316,11 @@ class FreeServer:
                 self._poll_since = time.time()
                 try:
                     self.poll_once()
-                    self._last_poll_ok = time.time()
+                    self._last_poll_ok, self._last_error = time.time(), None
+                    self.liveness.beat()
                 except Exception as e:  # noqa: BLE001 - transient SuperLink trouble: keep going
-                    LOG.error("poll failed: %s: %s", type(e).__name__, e)
+                    self._last_error = bounded_reason(f"{type(e).__name__}: {e}", 200)
+                    LOG.error("poll failed: %s", self._last_error)
                 finally:
                     self._poll_since = None
                 if self.runner.running():
@@ -351,56 +359,3 @@ class FreeServer:
             LOG.info("FREE server %s at iteration %d", self.phase, self.runner.iteration)
         finally:
             self._shut_done.set()
-
-
-LOG_BYTES = 10 * 2 ** 20     # logs/serverapp.log rotates at this size, LOG_BACKUPS kept
-LOG_BACKUPS = 3
-
-
-def setup_logging(state: StateDir, *, flower: bool = False) -> None:
-    """The service's log goes to ``STATE/logs/serverapp.log``, rotated by size (once per process).
-    ``flower``: Flower's own log lines in this process go there too, and so does any uncaught
-    exception (a deployed ServerApp's output is otherwise discarded by Flower's SuperExec)."""
-    import logging.handlers
-    import sys
-    state.logs_dir.mkdir(parents=True, exist_ok=True)
-    if any(getattr(h, "_free_dfml", False) for h in LOG.handlers):
-        return
-    fh = logging.handlers.RotatingFileHandler(state.logs_dir / "serverapp.log", maxBytes=LOG_BYTES,
-                                              backupCount=LOG_BACKUPS, encoding="utf-8")
-    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    fh._free_dfml = True  # type: ignore[attr-defined]
-    LOG.addHandler(fh)
-    LOG.setLevel(logging.INFO)
-    if flower:
-        logging.getLogger("flwr").addHandler(fh)
-
-        def uncaught(kind, value, tb, _prev=sys.excepthook):
-            LOG.critical("uncaught exception", exc_info=(kind, value, tb))
-            _prev(kind, value, tb)
-        sys.excepthook = uncaught
-        threading.excepthook = lambda a: LOG.critical("uncaught exception in thread %s", a.thread,
-                                                      exc_info=(a.exc_type, a.exc_value, a.exc_traceback))
-
-
-def short_object_pull_backoff(initial: float = 0.1, cap: float = 1.0) -> None:
-    """Flower pulls a message's objects with an exponential backoff from 1 s to 10 s while they are
-    still being uploaded, so a reply pulled just before its upload finished waited up to 15 s
-    more; retry from 0.1 s, capped at 1 s (the number of tries and the total time are Flower's)."""
-    from flwr.supercore.inflatable import inflatable_utils
-    inflatable_utils.pull_objects.__kwdefaults__.update(initial_backoff=initial, backoff_cap=cap)
-
-
-def run_server(grid: Grid, settings: ServerSettings, *, run_id: int | None = None,
-               register_exit: bool = False) -> FreeServer:
-    if register_exit:                   # in a Flower ServerApp process
-        short_object_pull_backoff()
-    server = FreeServer(grid, settings, run_id=run_id)
-    setup_logging(server.state, flower=bool(settings.supervisor_pid))
-    if register_exit:
-        # flwr-serverapp turns SIGTERM/SIGINT (and its parent's death) into a graceful exit that
-        # runs the registered exit handlers: stop training and checkpoint there.
-        from flwr.supercore.exit import add_exit_handler
-        add_exit_handler(server.shutdown)
-    server.serve()
-    return server

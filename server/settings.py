@@ -24,6 +24,7 @@ class ServerSettings:
     state_dir: str = "free-server-state"
     poll_interval: float = 0.5
     status_every: float = 1.0
+    lost_after: float = 60.0            # deployment: a ServerApp with no progress this long is resubmitted (0: never)
     checkpoint_every: int = 20
     min_models: int = 1                 # models in the zoo before FREE starts training
     # admission caps (common/limits.py, docs/security.md): a package over one is rejected, naming it
@@ -107,6 +108,7 @@ _KIND = {int: "an integer", float: "a number", str: "a string", bool: "true or f
 # each setting's range (after its type): a test and the words for it
 _RANGE: dict[str, tuple[Any, str]] = {
     "poll_interval": (lambda v: v > 0, "> 0"), "status_every": (lambda v: v > 0, "> 0"),
+    "lost_after": (lambda v: v == 0 or v >= 5, ">= 5 (0: never)"),
     "checkpoint_every": (lambda v: v >= 0, ">= 0 (0: only on stop)"), "min_models": (lambda v: v >= 1, ">= 1"),
     "device": (lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()),
                "one of auto, cpu, cuda, cuda:N"),

@@ -15,6 +15,8 @@ Layout (``STATE`` is ``--state DIR``)::
     STATE/server.pid           the supervisor's pid (``free-server stop`` signals it)
     STATE/stop.request         present while a stop is asked for (the ServerApp checkpoints and exits)
     STATE/serverapp.lock       flock held by the one ServerApp serving this folder
+    STATE/serverapp.alive      the ServerApp's pid and run id; touched at each poll that made progress
+                               (server/liveness.py: the supervisor's lost-run check)
     STATE/logs/                superlink.log, serverapp.log, server.log
 
 Every JSON file is replaced atomically (temp file + fsync + rename); ``submissions.jsonl`` is

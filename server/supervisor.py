@@ -4,10 +4,11 @@ folder, supervised until a stop.
 :class:`Supervisor` starts ``flower-superlink`` (database in the state folder), writes the Flower app
 (``STATE/app/pyproject.toml``, the settings as its run config) and a private Flower home
 (``STATE/flwr-home``), submits the ServerApp with ``flwr run``, waits until its status says it
-serves, then resubmits it if it exits on its own, and restarts the SuperLink (then resubmits) if
-that exits (3 times in a row at most). On SIGTERM/SIGINT it writes
+serves, then resubmits it if it exits on its own or loses its run (no progress for ``lost-after``
+seconds: server/liveness.py; it is stopped first), and restarts the SuperLink (then resubmits) if
+that exits or a resubmission fails (3 times in a row at most). On SIGTERM/SIGINT it writes
 ``stop.request``, waits for the ServerApp to checkpoint, and stops the SuperLink with every
-descendant. ``server.json`` records pids, address and phase throughout.
+descendant. ``server.json`` records pids, address, phase and the last recoveries (time, reason).
 
 The SuperLink keeps its state in memory (no SQLite file whose write lock concurrent uploads
 contend for; what the server accepted is durable in the state folder's zoo, not in the SuperLink),
@@ -23,15 +24,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import logging
-import logging.handlers
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,8 @@ from typing import Any
 from free_dfml.common.cli import CliError
 from free_dfml.common.processes import cmdline, descendants, pid_alive, stop_process_tree, terminate, venv_env, venv_exe
 from free_dfml.common.wire import CLIENTAPP_COMPONENT, SERVERAPP_COMPONENT
+from free_dfml.server.liveness import add_recovery, quiet_for
+from free_dfml.server.logs import copy_lines, log
 from free_dfml.server.settings import ServerSettings
 from free_dfml.server.state import StateDir, atomic_write_json
 
@@ -48,33 +48,7 @@ MAX_RESUBMITS = 3                # in a row, each within HEALTHY_S of the last
 HEALTHY_S = 120.0
 STOP_WAIT_S = 180.0              # how long a stop waits for the ServerApp's checkpoint
 IN_MEMORY_DB = ":flwr-in-memory:"  # flwr's name for an in-memory SuperLink state
-LOG_BYTES = 10 * 2 ** 20         # logs/superlink.log rotates at this size, LOG_BACKUPS kept
-LOG_BACKUPS = 3
-
-
-def rotating_log(path: Path, max_bytes: int = LOG_BYTES, backups: int = LOG_BACKUPS) -> logging.Logger:
-    """A logger writing bare lines to ``path``, rotated by size (``path.1`` ... ``path.N``)."""
-    lg = logging.getLogger(f"free_dfml.file.{path}")
-    if not lg.handlers:
-        h = logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
-        h.setFormatter(logging.Formatter("%(message)s"))
-        lg.addHandler(h)
-        lg.setLevel(logging.INFO)
-        lg.propagate = False
-    return lg
-
-
-def copy_lines(stream, path: Path) -> threading.Thread:
-    """A daemon thread copying ``stream``'s lines (a child's stdout) to a size-rotated log file."""
-    lg = rotating_log(path)
-
-    def run() -> None:
-        for raw in iter(stream.readline, b""):
-            lg.info(raw.decode("utf-8", "replace").rstrip("\n"))
-        stream.close()
-    t = threading.Thread(target=run, name=f"log-{path.name}", daemon=True)
-    t.start()
-    return t
+LOST_STOP_S = 30.0               # a lost ServerApp's time to checkpoint after SIGTERM, then SIGKILL
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -173,17 +147,6 @@ def submit_run(state: StateDir, env: dict[str, str], timeout: float = 60) -> int
     return int(m.group(1))
 
 
-def log(state: StateDir, msg: str) -> None:
-    """A line on stdout and in ``STATE/logs/server.log``."""
-    line = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {msg}"
-    print(line, flush=True)
-    try:
-        with open(state.logs_dir / "server.log", "a") as f:
-            f.write(line + "\n")
-    except OSError:
-        pass
-
-
 def start_detached(state: StateDir, argv: list[str], timeout: float) -> dict[str, Any]:
     """``free-server ARGV`` (a foreground ``start``) in its own session; its ``server.json`` record
     once it runs."""
@@ -216,6 +179,7 @@ class Supervisor:
         self.run_id: int | None = None
         self.env = venv_env({"FLWR_HOME": str(state.flwr_home)})
         self.record: dict[str, Any] = {}
+        self._resubmits, self._resubmitted_at = 0, 0.0
 
     @property
     def secure(self) -> bool:
@@ -306,44 +270,78 @@ class Supervisor:
                    f"run {self.run_id}, state {state.root}")
 
     def _supervise(self) -> int:
-        """Until a signal: resubmit the ServerApp when it exits on its own (killed included), restart
-        the SuperLink (and resubmit) when it exits; 1 when either keeps happening (more than
-        ``MAX_RESUBMITS`` times with less than ``HEALTHY_S`` of service in between)."""
-        state = self.state
-        resubmits = 0
-        resubmitted_at = 0.0
+        """:meth:`check` twice a second until a signal; its exit code when it gives up."""
         while self.signal is None:
-            if self.superlink.poll() is not None:
-                code = self.superlink.returncode
-                resubmits = 0 if time.time() - resubmitted_at > HEALTHY_S else resubmits + 1
-                if resubmits > MAX_RESUBMITS:
-                    log(state, f"flower-superlink keeps exiting (code {code}); stopping")
-                    return 1
-                log(state, f"flower-superlink exited with code {code}; starting it again")
-                stop_process_tree(self.superlink, timeout=10)     # its SuperExec, if still there
-                self._start_superlink()
-                wait_port(self.host, self.port, self.superlink, self.timeout)
-                self.run_id = submit_run(state, self.env)
-                resubmitted_at = time.time()
-                self._update(run_id=self.run_id)
-                continue
-            st = state.read_status() or {}
-            sp = st.get("serverapp_pid")
-            if st.get("run_id") != self.run_id and time.time() - resubmitted_at < self.timeout:
-                time.sleep(0.5)       # the resubmitted ServerApp has not written its status yet
-                continue
-            # gone without a stop request: exited, crashed or killed (its phase may still say running)
-            if sp and not pid_alive(sp) and not state.stop_requested():
-                resubmits = 0 if time.time() - resubmitted_at > HEALTHY_S else resubmits + 1
-                if resubmits > MAX_RESUBMITS:
-                    log(state, "the ServerApp keeps exiting; stopping")
-                    return 1
-                log(state, "the ServerApp exited; submitting it again")
-                self.run_id = submit_run(state, self.env)
-                resubmitted_at = time.time()
-                self._update(run_id=self.run_id)
+            code = self.check()
+            if code is not None:
+                return code
             time.sleep(0.5)
         return 0
+
+    def check(self) -> int | None:
+        """One supervision step. A SuperLink that exited is started again and the run resubmitted; a
+        ServerApp that exited (killed included) is resubmitted; so is one that made no progress for
+        ``lost-after`` seconds (server/liveness.py), once stopped. Returns 1 when this keeps
+        happening (more than ``MAX_RESUBMITS`` times with less than ``HEALTHY_S`` between), else None."""
+        state = self.state
+        if self.superlink.poll() is not None:
+            return self._recover(f"flower-superlink exited with code {self.superlink.returncode}", restart_link=True)
+        st = state.read_status() or {}
+        ours = st.get("run_id") == self.run_id
+        if (not ours and time.time() - self._resubmitted_at < self.timeout) or state.stop_requested():
+            return None      # the resubmitted ServerApp has not written its status yet; or stopping
+        sp = st.get("serverapp_pid")
+        if sp and not pid_alive(sp):       # its phase may still say running
+            return self._recover(f"the ServerApp exited (phase {st.get('phase')}; see logs/serverapp.log)")
+        lost = self.settings.lost_after
+        quiet = quiet_for(state, self.run_id) if lost else None
+        if lost and quiet is None and ours and pid_alive(sp):      # up, but no progress at all yet
+            quiet = (time.time() - float(st.get("started_at") or time.time()), sp)
+        if quiet and quiet[0] > lost:
+            err = (st.get("link") or {}).get("last_error") if ours else None
+            return self._recover(f"the ServerApp made no progress for {quiet[0]:.0f} s (lost-after {lost:g} s)"
+                                 + (f"; last error: {err}" if err else ""), stop_pid=quiet[1])
+        return None
+
+    def _recover(self, reason: str, *, stop_pid: int | None = None, restart_link: bool = False) -> int | None:
+        """Record ``reason`` (server.json's ``recoveries``), stop the lost ServerApp (``stop_pid``:
+        SIGTERM, it checkpoints; SIGKILL after ``LOST_STOP_S``) or restart the SuperLink, and submit
+        the run again; a submission that fails restarts the SuperLink and tries once more."""
+        state, now = self.state, time.time()
+        self._resubmits = 0 if now - self._resubmitted_at > HEALTHY_S else self._resubmits + 1
+        ev = add_recovery(self.record, reason, self.run_id, now)
+        if self._resubmits > MAX_RESUBMITS:
+            log(state, f"{reason}; it keeps happening: stopping")
+            self._update()
+            return 1
+        log(state, f"{reason}; recovering")
+        self._update(phase="recovering")
+        if stop_pid:
+            try:
+                os.kill(stop_pid, signal.SIGCONT)      # a frozen process handles its SIGTERM once it runs
+            except ProcessLookupError:
+                pass
+            terminate([stop_pid], timeout=LOST_STOP_S)
+        if restart_link:
+            self._restart_superlink()
+        try:
+            self.run_id = submit_run(state, self.env)
+        except CliError as e:
+            if restart_link:
+                raise
+            log(state, f"{e}; starting flower-superlink again")
+            self._restart_superlink()
+            self.run_id = submit_run(state, self.env)
+        self._resubmitted_at = time.time()
+        ev["new_run_id"] = self.run_id
+        self._update(run_id=self.run_id, phase="running")
+        log(state, f"run {self.run_id} submitted")
+        return None
+
+    def _restart_superlink(self) -> None:
+        stop_process_tree(self.superlink, timeout=10)     # its SuperExec and ServerApp, if still there
+        self._start_superlink()
+        wait_port(self.host, self.port, self.superlink, self.timeout)
 
     def _stop(self) -> None:
         """Ask the ServerApp to checkpoint (stop.request), wait for it, stop the SuperLink tree."""

@@ -496,3 +496,67 @@ def test_stop_process_tree_ends_a_stopped_process():
     proc.send_signal(signal.SIGSTOP)
     left = stop_process_tree(proc, timeout=1)
     assert left == [] and not pid_alive(proc.pid)
+
+
+def test_progress_marks_liveness_and_a_failing_or_hanging_grid_does_not(tmp_path, files, monkeypatch):
+    """Every poll that succeeds marks the ServerApp's progress (serverapp.alive, what the supervisor's
+    lost-run check reads); polls that fail (a refused runtime token) or hang mark none, while
+    status.json names the failure."""
+    from free_dfml.server import liveness
+    grid = FakeGrid()
+    grid.nodes = {1: supernode(tmp_path, files["m0"])[0]}
+    srv = make_server(tmp_path, grid)
+    srv.liveness.ident["run_id"] = srv.run_id = 7
+    thread = threading.Thread(target=srv.serve, daemon=True)
+    thread.start()
+    try:
+        def beat_after(t0: float, timeout: float = 5.0) -> bool:
+            end = time.time() + timeout
+            while time.time() < end:
+                b = liveness.last_beat(srv.state)
+                if b and b["time"] > t0:
+                    return True
+                time.sleep(0.05)
+            return False
+        assert beat_after(time.time() - 10)
+        b = liveness.last_beat(srv.state)
+        assert b["pid"] == srv.liveness.ident["pid"] and b["run_id"] == 7
+        assert srv.heard[1]["accepted"]
+
+        def refused():
+            raise RuntimeError("Runtime task-token authentication failed.")
+        monkeypatch.setattr(grid, "get_node_ids", refused)
+        time.sleep(0.3)
+        t0 = time.time()
+        assert not beat_after(t0, 1.0)                       # the loop turns, but no progress
+        quiet, pid = liveness.quiet_for(srv.state, 7)
+        assert quiet >= 1.0 and pid == b["pid"]
+        assert liveness.quiet_for(srv.state, 8) is None     # another run's ServerApp: not this one
+        st = srv.state.read_status()
+        assert "task-token authentication failed" in st["link"]["last_error"]
+        monkeypatch.undo()
+        assert beat_after(time.time())                       # recovers by itself once calls succeed
+        time.sleep(0.3)
+        assert srv.state.read_status()["link"]["last_error"] is None
+        grid.stall.clear()                                   # the next call hangs
+        time.sleep(0.3)
+        assert not beat_after(time.time(), 1.0)
+    finally:
+        grid.stall.set()
+        srv.stop_event.set()
+        thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_serverapp_checkpoints_before_flowers_force_exit_timer(tmp_path, monkeypatch):
+    """The ServerApp's exit handler (stop training, checkpoint) runs before Flower's 5 s force-exit
+    timer starts: a SIGINT on a refused runtime token or a supervisor's SIGTERM does not cut it."""
+    import flwr.supercore.exit as flwr_exit
+    from free_dfml.server import server_app
+    seen = []
+    monkeypatch.setattr(flwr_exit, "add_exit_handler", lambda h, **kw: seen.append((h, kw)))
+    monkeypatch.setattr(server_app, "short_object_pull_backoff", lambda: None)
+    monkeypatch.setattr(FreeServer, "serve", lambda self: None)
+    srv = server_app.run_server(FakeGrid(), ServerSettings(state_dir=str(tmp_path / "s"), train=False),
+                                register_exit=True)
+    assert seen == [(srv.shutdown, {"run_before_force_exit": True})]
