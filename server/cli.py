@@ -183,7 +183,8 @@ def status(state_dir: Path = STATE_OPT,
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.get("time") or 0))
         print(f"recovered  {when}  run {r.get('run_id')} -> {r.get('new_run_id', '?')}: {r.get('reason')}")
     if rec.get("recovery_count"):
-        print(f"           {rec['recovery_count']} recoveries since the server started (server.json lists the last)")
+        n = rec["recovery_count"]
+        print(f"           {n} recover{'y' if n == 1 else 'ies'} since the server started (server.json lists the last)")
 
 
 @app.command()

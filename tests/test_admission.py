@@ -296,3 +296,16 @@ def test_configured_caps_are_the_ones_the_service_applies(tmp_path):
     assert zoo.meta(entry["model_id"]).input_shape == (3, 160, 160)
     assert zoo.package(entry["model_id"]).model_id == entry["model_id"]
     assert limits.active() == limits.DEFAULT_LIMITS           # the service's caps stayed inside it
+
+
+def test_hostile_table_admission_rows(tmp_path):
+    """experiments/hostile_table.py's in-process rows (the issue's package and reason probes through
+    the ingest service): every one refused as the table says, an honest node accepted."""
+    from experiments import hostile_table
+    hostile_table.ROWS.clear()
+    hostile_table.admission(tmp_path)
+    assert len(hostile_table.ROWS) == len(hostile_table.PACKAGE_ROWS) + 4
+    assert [r["row"] for r in hostile_table.ROWS if not r["ok"]] == []
+    md = hostile_table.markdown({"command": "c", "commit": "0" * 40, "started": "s", "machine": "m", "load_start": 0,
+                                 "load_end": 0, "seconds": 1.0, "rows": hostile_table.ROWS})
+    assert md.count("\n| ") == len(hostile_table.ROWS) + 1 and "**no**" not in md

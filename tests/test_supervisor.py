@@ -204,7 +204,7 @@ def test_a_serverapp_without_progress_is_stopped_and_its_run_submitted_again(stu
     state.write_pid(sup.record["pid"])
     assert run_cli(server_cli, "free-server", ["status", "--state", str(state.root)]) == 0
     out = capsys.readouterr().out
-    assert "run 1 -> 2: the ServerApp made no progress for 10" in out and "1 recoveries" in out
+    assert "run 1 -> 2: the ServerApp made no progress for 10" in out and "1 recovery since the server started" in out
 
 
 def test_an_exited_serverapp_or_failed_resubmission_recovers_and_a_loop_of_them_stops(stubbed, monkeypatch):
