@@ -1,7 +1,7 @@
 """``free-client``: train a classifier on private classes, inspect a package, submit it to a FREE server.
 
     free-client train   --data glyphs|DIR|cifar-fs:PATH --classes 0-4 --arch conv4|resnet10|resnet18 --out FILE
-                        [--dp-epsilon E --dp-delta D --max-grad-norm C] [--epochs N] [--seed S] ...
+                        [--dp-epsilon E --dp-delta D --max-grad-norm C] [--prior strokes] [--epochs N] ...
     free-client inspect FILE [--json]
     free-client keygen  --out KEY          (for servers with node authentication)
     free-client audit   --model FILE --data SPEC --classes 0-4 --out DIR   (privacy audit, docs/privacy.md)
@@ -64,10 +64,11 @@ def train(
     classes: str = typer.Option(..., "--classes", help="class indices of the train split, e.g. 0-4 or 0,3,7"),
     arch: str = typer.Option("conv4", "--arch", help="conv4 | resnet10 | resnet18"),
     out: Path = typer.Option(..., "--out", help="the model package to write (.safetensors)"),
-    epochs: int = typer.Option(30, "--epochs", min=1),
-    lr: float = typer.Option(0.01, "--lr"),
-    optimizer: str = typer.Option("adam", "--optimizer", help="adam | sgd (momentum 0.9)"),
-    batch_size: int = typer.Option(32, "--batch-size", min=2),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="default 30; DP recipe 80"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="default 0.01; DP recipe 0.5"),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adam | sgd (momentum 0.9); default adam, DP recipe sgd"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=0,
+                                             help="default 32; 0 = all training images (the DP recipe)"),
     augment: str = typer.Option("none", "--augment", help="none | flip | crop | crop+flip"),
     width: Optional[int] = typer.Option(None, "--width", help="channel width (architecture default: 64)"),
     image_size: int = typer.Option(32, "--image-size", min=28),
@@ -76,19 +77,38 @@ def train(
     dp_epsilon: Optional[float] = typer.Option(None, "--dp-epsilon", help="train with DP-SGD to this epsilon"),
     dp_delta: Optional[float] = typer.Option(None, "--dp-delta", help="DP delta (default: 1/(10 N))"),
     max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="DP per-sample gradient clipping norm"),
+    prior: Optional[str] = typer.Option(None, "--prior",
+                                        help="none | strokes: start from features pretrained on public random-stroke "
+                                             "images (docs/privacy.md); default none, DP recipe strokes"),
+    train_layers: Optional[str] = typer.Option(None, "--train-layers",
+                                               help="all | head (the rest stays as it starts); default all, "
+                                                    "DP recipe head"),
     share_labels: bool = typer.Option(False, "--share-labels", help="put the class names in the metadata"),
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
-    """Train a classifier on your own classes and write it as a model package."""
-    from free_dfml.client.train import AUGMENTATIONS, OPTIMIZERS, TrainConfig, train_client
+    """Train a classifier on your own classes and write it as a model package.
+
+    With --dp-epsilon, every recipe flag not given takes the DP recipe's value (features from the public stroke prior, only the head trained, full batches, SGD lr 0.5, 80 epochs).
+    """
+    from free_dfml.client.prior import PRIORS
+    from free_dfml.client.train import (AUGMENTATIONS, DP_RECIPE, OPTIMIZERS, TRAIN_LAYERS, TrainConfig,
+                                        train_client)
     from free_dfml.common.datasets import DataError, open_dataset
     from free_dfml.common.models import ARCHITECTURES
     from free_dfml.common.package import PackageError, save_package
 
     if arch not in ARCHITECTURES:
         raise CliError(f"--arch must be one of {', '.join(ARCHITECTURES)}, got {arch!r}")
-    if optimizer not in OPTIMIZERS:
+    if optimizer is not None and optimizer not in OPTIMIZERS:
         raise CliError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    if prior is not None and prior not in PRIORS:
+        raise CliError(f"--prior must be one of {', '.join(PRIORS)}, got {prior!r}")
+    if train_layers is not None and train_layers not in TRAIN_LAYERS:
+        raise CliError(f"--train-layers must be one of {', '.join(TRAIN_LAYERS)}, got {train_layers!r}")
+    if batch_size == 1:
+        raise CliError("--batch-size must be 0 (all images) or >= 2")
+    if lr is not None and not lr > 0:
+        raise CliError("--lr must be > 0")
     if augment not in AUGMENTATIONS:
         raise CliError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
     if dp_epsilon is not None and not dp_epsilon > 0:
@@ -110,19 +130,30 @@ def train(
     except DataError as e:
         raise CliError(str(e)) from None
     kw = {"width": width} if width is not None else {}
-    cfg = TrainConfig(arch=arch, arch_kwargs=kw, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                      device=device, share_labels=share_labels, dp_epsilon=dp_epsilon, dp_delta=dp_delta,
-                      max_grad_norm=max_grad_norm, optimizer=optimizer, augment=augment)
+    given = {k: v for k, v in dict(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, prior=prior,
+                                   train_layers=train_layers).items() if v is not None}
+    recipe = {**(DP_RECIPE if dp_epsilon is not None else {}), **given}
+    cfg = TrainConfig(arch=arch, arch_kwargs=kw, seed=seed, device=device, share_labels=share_labels,
+                      dp_epsilon=dp_epsilon, dp_delta=dp_delta, max_grad_norm=max_grad_norm, augment=augment,
+                      **recipe)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     with Progress(TextColumn("training {task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), transient=True) as bar:
-        task = bar.add_task(arch, total=epochs, loss="-")
+        task = bar.add_task(arch, total=cfg.epochs, loss="-")
+        prior_task = None
+
+        def on_prior_epoch(epoch: int, loss: float) -> None:
+            nonlocal prior_task
+            if prior_task is None:
+                from free_dfml.client import prior as public_prior
+                prior_task = bar.add_task("the prior (once)", total=public_prior.DEFAULT_PRIOR.epochs, loss="-")
+            bar.update(prior_task, completed=epoch + 1, loss=f"{loss:.3f}")
 
         def on_epoch(epoch: int, loss: float) -> None:
             bar.update(task, completed=epoch + 1, loss=f"{loss:.3f}")
 
         try:
-            pkg, report = train_client(ds, class_list, cfg, on_epoch=on_epoch)
+            pkg, report = train_client(ds, class_list, cfg, on_epoch=on_epoch, on_prior_epoch=on_prior_epoch)
         except (DataError, ValueError) as e:
             raise CliError(str(e).splitlines()[0]) from None
     try:

@@ -482,7 +482,7 @@ class RenderConfig:
         return 1 if self.grayscale else 3
 
 
-_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 def render_class(gc: GlyphClass, cfg: RenderConfig, bank: FontBank | None = None) -> np.ndarray:
@@ -552,16 +552,16 @@ def _render_class(gc: GlyphClass, cfg: RenderConfig, bank: FontBank | None) -> n
 
     # --- background: base colour + smooth coloured noise ----------------------------------------
     bg = (torch.from_numpy(base).float()
-          + cfg.background_amplitude[0] * _smooth(torch.from_numpy(coarse).float(), W)
-          + cfg.background_amplitude[1] * _smooth(torch.from_numpy(fine).float(), W)).clamp(0, 1)
+          + cfg.background_amplitude[0] * smooth_field(torch.from_numpy(coarse).float(), W)
+          + cfg.background_amplitude[1] * smooth_field(torch.from_numpy(fine).float(), W)).clamp(0, 1)
 
     # --- foreground colour with a minimum luma contrast to the background under the glyph -------
-    luma = torch.from_numpy(_LUMA)
+    luma = torch.from_numpy(LUMA)
     bg_luma = torch.einsum("nchw,c->nhw", bg, luma)
     wsum = alpha[:, 0].sum((1, 2))
     under = torch.where(wsum > 1e-3, (bg_luma * alpha[:, 0]).sum((1, 2)) / wsum.clamp_min(1e-3),
                         bg_luma.mean((1, 2))).numpy()
-    fg = _pick_contrasting(fg_cand, under, cfg.min_contrast)                     # n,3
+    fg = pick_contrasting(fg_cand, under, cfg.min_contrast)                     # n,3
 
     # --- distractor strokes: two-segment polylines -------------------------------------------------
     st = np.zeros((n, W, W), np.float32)
@@ -580,7 +580,7 @@ def _render_class(gc: GlyphClass, cfg: RenderConfig, bank: FontBank | None) -> n
         st[i] = np.asarray(im, np.float32) / 255.0
     stroke_alpha = torch.from_numpy(st)[:, None]
     stroke_col = np.where(same_colour[:, None], fg,
-                          _pick_contrasting(stroke_cand, under, cfg.min_contrast))
+                          pick_contrasting(stroke_cand, under, cfg.min_contrast))
 
     # --- composite, downsample, noise, quantise ---------------------------------------------------
     fg_t = torch.from_numpy(fg).float()[:, :, None, None]
@@ -598,7 +598,7 @@ def _render_class(gc: GlyphClass, cfg: RenderConfig, bank: FontBank | None) -> n
 _SMOOTH_MATS: dict[tuple[int, int], object] = {}
 
 
-def _smooth(x, size: int):
+def smooth_field(x, size: int):
     """Bicubic upsampling of [n, c, k, k] to size x size, as two small matrix products (fast)."""
     import torch
     import torch.nn.functional as F
@@ -612,9 +612,9 @@ def _smooth(x, size: int):
     return torch.einsum("hi,ncij,wj->nchw", U, x, U)
 
 
-def _pick_contrasting(cand: np.ndarray, under: np.ndarray, min_contrast: float) -> np.ndarray:
+def pick_contrasting(cand: np.ndarray, under: np.ndarray, min_contrast: float) -> np.ndarray:
     """First candidate colour per image whose luma differs enough from ``under``; else the most distant."""
-    lum = cand @ _LUMA.astype(np.float64)                                         # n,k
+    lum = cand @ LUMA.astype(np.float64)                                         # n,k
     diff = np.abs(lum - under[:, None])
     ok = diff >= min_contrast
     first = np.where(ok.any(1), ok.argmax(1), diff.argmax(1))
