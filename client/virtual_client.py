@@ -68,7 +68,7 @@ def train_partition(settings: VirtualClients, partition: int, num_partitions: in
     already opened data set (the in-process study), else it is opened from the settings."""
     import torch
 
-    from free_dfml.client.train import TrainConfig, train_client
+    from free_dfml.client.train import TrainConfig, dp_config, train_client
     from free_dfml.common.datasets import open_dataset
 
     ds = dataset if dataset is not None else open_dataset(
@@ -76,9 +76,13 @@ def train_partition(settings: VirtualClients, partition: int, num_partitions: in
         images_per_class=settings.images_per_class)
     classes = partition_classes(settings, partition, num_partitions, ds.split("train").num_classes)
     archs = settings.archs()
-    cfg = TrainConfig(arch=archs[partition % len(archs)], arch_kwargs={"width": settings.width},
-                      epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size,
-                      seed=settings.seed * 1000 + partition, dp_epsilon=settings.dp_epsilon, **settings.extra)
+    common = dict(arch=archs[partition % len(archs)], arch_kwargs={"width": settings.width},
+                  seed=settings.seed * 1000 + partition)
+    if settings.dp_epsilon is not None:     # free-client's DP recipe; the study's epochs, lr, batch are plain training's
+        cfg = dp_config(settings.dp_epsilon, **common, **settings.extra)
+    else:
+        cfg = TrainConfig(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, **common,
+                          **settings.extra)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

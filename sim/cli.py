@@ -39,7 +39,7 @@ def run(
     out: Optional[Path] = typer.Option(None, "--out", help="output folder (default runs/sim-<preset>)"),
     episodes: Optional[int] = typer.Option(None, "--episodes", min=1, help="meta-test episodes per shot"),
     client_epochs: Optional[int] = typer.Option(None, "--client-epochs", min=1),
-    dp_epsilon: Optional[float] = typer.Option(None, "--dp-epsilon", help="clients train with DP-SGD to this epsilon"),
+    dp_epsilon: Optional[float] = typer.Option(None, "--dp-epsilon", help="clients train with DP-SGD to this epsilon (free-client train's DP recipe)"),
     transport: str = typer.Option("flower", "--transport",
                                   help="flower (Flower's simulation engine) | inprocess (same study, no Flower)"),
     device: str = typer.Option("cpu", "--device", help="auto | cpu | cuda (the server's trainer)"),

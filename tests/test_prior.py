@@ -129,3 +129,12 @@ def test_free_client_train_uses_the_dp_recipe_unless_told_otherwise(small_prior,
     assert run_cli(app, "free-client", base + ["--epochs", "1", "--out", str(tmp_path / "plain.safetensors")]) == 0
     plain = load_package(tmp_path / "plain.safetensors")
     assert plain.meta.dp is None and "prior" not in plain.meta.training and plain.meta.arch_kwargs["norm"] == "bn"
+
+
+def test_simulated_dp_clients_use_the_dp_recipe(small_prior, fake_dataset):
+    from free_dfml.client.virtual_client import VirtualClients, train_partition
+    dp_pkg, dp_rep = train_partition(VirtualClients(width=8, classes_per_client=4, dp_epsilon=4.0,
+                                                    extra={"epochs": 2}), 0, 5, dataset=fake_dataset)
+    assert dp_rep["prior"] == "strokes" and dp_pkg.meta.dp["sample_rate"] == 1.0 and dp_pkg.meta.dp["epochs"] == 2
+    plain, rep = train_partition(VirtualClients(width=8, classes_per_client=4, epochs=1), 0, 5, dataset=fake_dataset)
+    assert plain.meta.dp is None and "prior" not in rep and rep["epochs"] == 1
