@@ -34,6 +34,7 @@ class VirtualClients:
     epochs: int = 10
     lr: float = 0.01
     batch_size: int = 32
+    augment: str = "none"
     seed: int = 0
     dp_epsilon: float | None = None
     out_dir: str | None = None         # where each client also writes its package (for inspection)
@@ -54,7 +55,7 @@ class VirtualClients:
         d, c = study.data, study.clients
         return cls(dataset=d.dataset, image_size=d.image_size, images_per_class=d.images_per_class,
                    classes_per_client=c.classes_per_client, arch=c.arch, width=c.width, epochs=c.epochs,
-                   lr=c.lr, batch_size=c.batch_size, seed=study.seed, dp_epsilon=dp_epsilon, out_dir=out_dir)
+                   lr=c.lr, batch_size=c.batch_size, augment=c.augment, seed=study.seed, dp_epsilon=dp_epsilon, out_dir=out_dir)
 
 
 def partition_classes(settings: VirtualClients, partition: int, num_partitions: int, num_classes: int) -> list[int]:
@@ -81,8 +82,8 @@ def train_partition(settings: VirtualClients, partition: int, num_partitions: in
     if settings.dp_epsilon is not None:     # free-client's DP recipe; the study's epochs, lr, batch are plain training's
         cfg = dp_config(settings.dp_epsilon, **common, **settings.extra)
     else:
-        cfg = TrainConfig(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, **common,
-                          **settings.extra)
+        cfg = TrainConfig(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size,
+                          augment=settings.augment, **common, **settings.extra)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

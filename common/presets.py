@@ -54,6 +54,7 @@ class ClientsConfig:
     epochs: int = 10
     lr: float = 0.01                    # Adam
     batch_size: int = 32
+    augment: str = "none"               # none | flip | crop | crop+flip (free-client train --augment)
 
 
 @dataclass

@@ -39,6 +39,8 @@ def run(
     out: Optional[Path] = typer.Option(None, "--out", help="output folder (default runs/sim-<preset>)"),
     episodes: Optional[int] = typer.Option(None, "--episodes", min=1, help="meta-test episodes per shot"),
     client_epochs: Optional[int] = typer.Option(None, "--client-epochs", min=1),
+    client_augment: Optional[str] = typer.Option(None, "--client-augment",
+                                                 help="none | flip | crop | crop+flip (default: preset's)"),
     dp_epsilon: Optional[float] = typer.Option(None, "--dp-epsilon", help="clients train with DP-SGD to this epsilon (free-client train's DP recipe)"),
     transport: str = typer.Option("flower", "--transport",
                                   help="flower (Flower's simulation engine) | inprocess (same study, no Flower)"),
@@ -55,6 +57,9 @@ def run(
         raise CliError(f"--arch must be one of {', '.join(ARCHITECTURES)} or mix, got {arch!r}")
     if dp_epsilon is not None and dp_epsilon <= 0:
         raise CliError("--dp-epsilon must be > 0")
+    from free_dfml.client.train import AUGMENTATIONS
+    if client_augment is not None and client_augment not in AUGMENTATIONS:
+        raise CliError(f"--client-augment must be one of {', '.join(AUGMENTATIONS)}, got {client_augment!r}")
     if transport not in ("flower", "inprocess"):
         raise CliError(f"--transport must be flower or inprocess, got {transport!r}")
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
@@ -62,7 +67,7 @@ def run(
     over: dict = {"seed": seed}
     data = {k: v for k, v in (("dataset", dataset),) if v is not None}
     cl = {k: v for k, v in (("count", clients), ("classes_per_client", classes_per_client), ("arch", arch),
-                            ("epochs", client_epochs)) if v is not None}
+                            ("epochs", client_epochs), ("augment", client_augment)) if v is not None}
     if data:
         over["data"] = data
     if cl:

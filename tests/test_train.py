@@ -82,3 +82,15 @@ def test_augment_batch_shapes_and_identity():
     assert y.shape == x.shape and not torch.equal(x, y)
     f = augment_batch(x, "flip", torch.Generator().manual_seed(1))
     assert all(torch.equal(f[i], x[i]) or torch.equal(f[i], x[i].flip(2)) for i in range(5))
+
+
+def test_simulated_clients_take_the_study_s_augmentation(fake_dataset):
+    from free_dfml.client.virtual_client import VirtualClients, train_partition
+    from free_dfml.common.presets import study
+    assert VirtualClients.from_study(study("tiny")).augment == "none"
+    crop = VirtualClients.from_study(study("tiny", clients={"augment": "crop", "classes_per_client": 4}))
+    assert crop.augment == "crop" and VirtualClients.from_json(crop.to_json()) == crop
+    a, _ = train_partition(crop, 0, 5, dataset=fake_dataset)
+    b, _ = train_partition(VirtualClients.from_study(study("tiny", clients={"classes_per_client": 4})), 0, 5,
+                           dataset=fake_dataset)
+    assert a.model_id != b.model_id
