@@ -22,8 +22,8 @@ One training loop serves plain and DP training; ``TrainConfig.dp_epsilon`` is th
 Accountant: RDP (Renyi DP, ``PrivacyEngine(accountant="rdp")``), for calibrating the noise and for
 the reported epsilon. Its epsilon is an analytic upper bound, it is the accountant DP-SGD results
 are most often quoted with, and calibration takes well under a second to a few seconds. Opacus'
-PRV accountant is tighter: for this recipe's settings (sampling rates 0.08-0.2, 150-400 steps,
-epsilon 1-8) it reaches the same target with a 6-10% smaller noise multiplier, but its epsilon is
+PRV accountant is tighter: at sampling rates 0.08-0.2 and 150-400 steps it reaches the same target
+(epsilon 1-8) with a 6-10% smaller noise multiplier, at the DP recipe's (rate 1, 80 steps) 7-9%, but its epsilon is
 a numerical estimate with a discretisation error term and calibration is 3-5x slower. Switching
 would change every DP package for that modest noise reduction, so it waits on a measurement that
 the accuracy gain matters.
