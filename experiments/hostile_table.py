@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
@@ -123,7 +124,6 @@ def admission(work: Path) -> None:
     srv.write_status(force=True)
     log = {s["node"]: s for s in srv.state.submissions()}
     acks = {m.metadata.dst_node_id: wire.ack_document(m) for m in grid.sent if m.metadata.message_type != wire.QUERY}
-    import re
     for name, issue, cs in PACKAGE_ROWS:
         got = [(c, log.get(ids[c], {}), acks.get(ids[c], {})) for c in cs]
         ok = all(e.get("event") == "rejected" and re.search(made[c].match, e.get("reason", ""))
@@ -229,8 +229,9 @@ def wire_rows(work: Path, models: list[tuple[Path, str]]) -> None:
         log = (state / "logs" / "serverapp.log")
         text = log.read_text(errors="replace") if log.exists() else ""
         ok = r["rc"] == 0 and "accepted model" in text
+        line = next((ln for ln in text.splitlines() if "accepted model" in ln), "")
         row("ServerApp output", "sent to /dev/null", f"logs/serverapp.log ({log.stat().st_size if log.exists() else 0}"
-            " B after one submit) holds the service's and Flower's lines; rotated at 10 MiB, 3 kept",
+            f" B after one submit; rotated at 10 MiB, 3 kept) holds the service's lines: `{line[:160]}`",
             "real loopback server: a submit, then the log file", ok, server_start_s=round(up, 1), submit=r)
 
         def iteration() -> int:
@@ -251,15 +252,17 @@ def wire_rows(work: Path, models: list[tuple[Path, str]]) -> None:
         t_serve = time.time()
         rec = srv.record()
         text = log.read_text(errors="replace")
-        refused = "uthentication failed" in text or "401" in text
-        ok = bool(gone and serving) and models[0][1] in srv.zoo_files()
+        link_log = (state / "logs" / "superlink.log").read_text(errors="replace")
+        refused = next((re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in link_log.splitlines()
+                        if "task-token authentication failed" in ln), "")
+        ok = bool(gone and serving and refused) and models[0][1] in srv.zoo_files()
         row("the ServerApp's runtime token refused (frozen 65 s: the SuperLink failed its run)",
             "the server never served again", f"the ServerApp exited {t_gone - t_cont:.1f} s after it resumed "
-            f"(token refused: {'yes' if refused else 'not in its log'}); run {run0} -> {rec.get('run_id')} serving "
+            f"(superlink.log: `{refused[refused.find('[/v1'):] or 'no refusal logged'}`); run {run0} -> {rec.get('run_id')} serving "
             f"{t_serve - t_cont:.1f} s after; recovery recorded: "
             f"{(rec.get('recoveries') or [{}])[-1].get('reason')}; zoo kept",
             "real loopback server: SIGSTOP / SIGCONT of the ServerApp", ok,
-            exit_s=round(t_gone - t_cont, 1), serving_s=round(t_serve - t_cont, 1), refused_in_log=refused,
+            exit_s=round(t_gone - t_cont, 1), serving_s=round(t_serve - t_cont, 1), refused_in_log=refused[:300],
             recoveries=rec.get("recoveries"))
 
         # resume after kill -9 of the ServerApp: metrics.jsonl rows not repeated
