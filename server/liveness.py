@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from free_dfml.common.processes import pid_alive
@@ -71,6 +72,26 @@ def quiet_for(state: StateDir, run_id: int | None, now: float | None = None) -> 
     if not beat or beat.get("run_id") != run_id or not pid_alive(beat.get("pid")):
         return None
     return (now if now is not None else time.time()) - beat["time"], int(beat["pid"])
+
+
+def token_refused(superlink_log: Path, offset: int, most: int = 4 * 2 ** 20) -> bool:
+    """Whether ``flower-superlink`` logged a refused runtime token ("Runtime task-token
+    authentication failed": a run it failed, e.g. after missed heartbeats) past byte ``offset`` of
+    its log (the whole file if it rotated since); reads at most ``most`` bytes."""
+    try:
+        with open(superlink_log, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(offset if offset <= size else 0)
+            return b"task-token authentication failed" in f.read(most)
+    except OSError:
+        return False
+
+
+def log_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def add_recovery(record: dict[str, Any], reason: str, run_id: int | None, now: float | None = None) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from typing import Any
 from free_dfml.common.cli import CliError
 from free_dfml.common.processes import cmdline, descendants, pid_alive, stop_process_tree, terminate, venv_env, venv_exe
 from free_dfml.common.wire import CLIENTAPP_COMPONENT, SERVERAPP_COMPONENT
-from free_dfml.server.liveness import add_recovery, quiet_for
+from free_dfml.server.liveness import add_recovery, log_size, quiet_for, token_refused
 from free_dfml.server.logs import copy_lines, log
 from free_dfml.server.settings import ServerSettings
 from free_dfml.server.state import StateDir, atomic_write_json
@@ -180,6 +180,7 @@ class Supervisor:
         self.env = venv_env({"FLWR_HOME": str(state.flwr_home)})
         self.record: dict[str, Any] = {}
         self._resubmits, self._resubmitted_at = 0, 0.0
+        self._log_mark = 0           # superlink.log's size when the current run was submitted
 
     @property
     def secure(self) -> bool:
@@ -241,10 +242,14 @@ class Supervisor:
             self._stop()
         return code
 
+    @property
+    def superlink_log(self) -> Path:
+        return self.state.logs_dir / "superlink.log"
+
     def _start_superlink(self) -> None:
         self.superlink = subprocess.Popen(self.superlink_command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, env=self.env, preexec_fn=die_with_parent)
-        copy_lines(self.superlink.stdout, self.state.logs_dir / "superlink.log")     # size-rotated
+        copy_lines(self.superlink.stdout, self.superlink_log)     # size-rotated
         self._update(superlink_pid=self.superlink.pid)
 
     def _start_serverapp(self) -> None:
@@ -252,6 +257,7 @@ class Supervisor:
         state, superlink = self.state, self.superlink
         wait_port(self.host, self.port, superlink, self.timeout)
         self.run_id = submit_run(state, self.env)
+        self._log_mark = log_size(self.superlink_log)
         self._update(run_id=self.run_id)
         end = time.time() + self.timeout
         while time.time() < end and self.signal is None:
@@ -292,7 +298,9 @@ class Supervisor:
             return None      # the resubmitted ServerApp has not written its status yet; or stopping
         sp = st.get("serverapp_pid")
         if sp and not pid_alive(sp):       # its phase may still say running
-            return self._recover(f"the ServerApp exited (phase {st.get('phase')}; see logs/serverapp.log)")
+            why = ("after the SuperLink refused its runtime token (its run failed)"
+                   if token_refused(self.superlink_log, self._log_mark) else "(see logs/serverapp.log)")
+            return self._recover(f"the ServerApp exited (phase {st.get('phase')}) {why}")
         lost = self.settings.lost_after
         quiet = quiet_for(state, self.run_id) if lost else None
         if lost and quiet is None and ours and pid_alive(sp):      # up, but no progress at all yet
@@ -333,6 +341,7 @@ class Supervisor:
             self._restart_superlink()
             self.run_id = submit_run(state, self.env)
         self._resubmitted_at = time.time()
+        self._log_mark = log_size(self.superlink_log)
         ev["new_run_id"] = self.run_id
         self._update(run_id=self.run_id, phase="running")
         log(state, f"run {self.run_id} submitted")

@@ -208,8 +208,9 @@ def test_a_serverapp_without_progress_is_stopped_and_its_run_submitted_again(stu
 
 
 def test_an_exited_serverapp_or_failed_resubmission_recovers_and_a_loop_of_them_stops(stubbed, monkeypatch):
-    """A ServerApp that exited is resubmitted; a resubmission that fails restarts the SuperLink and
-    tries once more; past MAX_RESUBMITS quick recoveries the supervisor gives up (exit 1); the
+    """A ServerApp that exited is resubmitted (the reason names the SuperLink's refusal of its runtime
+    token when superlink.log has one since the run started); a resubmission that fails restarts the
+    SuperLink and tries once more; past MAX_RESUBMITS quick recoveries the supervisor gives up (exit 1); the
     record keeps only the last RECOVERIES_KEEP events."""
     from free_dfml.server import liveness
     sup, state, first, subs = stubbed
@@ -228,9 +229,16 @@ def test_an_exited_serverapp_or_failed_resubmission_recovers_and_a_loop_of_them_
     monkeypatch.setattr(supervisor, "submit_run", failing_once)
     assert sup.check() is None
     assert restarts == [1] and subs == [2] and sup.run_id == 2
-    assert "the ServerApp exited (phase collecting" in state.read_server()["recoveries"][-1]["reason"]
+    assert state.read_server()["recoveries"][-1]["reason"] == \
+        "the ServerApp exited (phase collecting) (see logs/serverapp.log)"
+    with open(sup.superlink_log, "a") as f:        # what flower-superlink logs when a run's token expired
+        f.write("ERROR :     [/v1/runtime/get-nodes][ApiError:1008] Runtime task-token authentication failed.\n")
+    supervisor.terminate([state.read_status()["serverapp_pid"]], timeout=5)
+    assert sup.check() is None and sup.run_id == 3
+    assert state.read_server()["recoveries"][-1]["reason"] == ("the ServerApp exited (phase collecting) after the "
+                                                               "SuperLink refused its runtime token (its run failed)")
     monkeypatch.setattr(liveness, "RECOVERIES_KEEP", 2)
-    for _ in range(supervisor.MAX_RESUBMITS):
+    for _ in range(supervisor.MAX_RESUBMITS - 1):
         st = state.read_status()
         supervisor.terminate([st["serverapp_pid"]], timeout=5)
         assert sup.check() is None
