@@ -255,12 +255,12 @@ def wire_rows(work: Path, models: list[tuple[Path, str]]) -> None:
         link_log = (state / "logs" / "superlink.log").read_text(errors="replace")
         refused = next((re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in link_log.splitlines()
                         if "task-token authentication failed" in ln), "")
-        ok = bool(gone and serving and refused) and models[0][1] in srv.zoo_files()
+        reason = (rec.get("recoveries") or [{}])[-1].get("reason") or ""
+        ok = bool(gone and serving and refused) and models[0][1] in srv.zoo_files() and "refused" in reason
         row("the ServerApp's runtime token refused (frozen 65 s: the SuperLink failed its run)",
             "the server never served again", f"the ServerApp exited {t_gone - t_cont:.1f} s after it resumed "
             f"(superlink.log: `{refused[refused.find('[/v1'):] or 'no refusal logged'}`); run {run0} -> {rec.get('run_id')} serving "
-            f"{t_serve - t_cont:.1f} s after; recovery recorded: "
-            f"{(rec.get('recoveries') or [{}])[-1].get('reason')}; zoo kept",
+            f"{t_serve - t_cont:.1f} s after; recovery recorded: {reason}; zoo kept",
             "real loopback server: SIGSTOP / SIGCONT of the ServerApp", ok,
             exit_s=round(t_gone - t_cont, 1), serving_s=round(t_serve - t_cont, 1), refused_in_log=refused[:300],
             recoveries=rec.get("recoveries"))
