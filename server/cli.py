@@ -47,6 +47,7 @@ DEFAULT_ADDRESS = "127.0.0.1:9092"
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run a federated FREE server: collect client models into a zoo and meta-learn from it.")
 
+QUIET_SHOWN_S = 5.0     # `status` says so when the ServerApp has made no progress this long
 STATE_OPT = typer.Option(DEFAULT_STATE, "--state", help="state folder (zoo, checkpoints, SuperLink database, logs)")
 
 
@@ -131,7 +132,9 @@ def status(state_dir: Path = STATE_OPT,
     st = state.read_status() or {}
     rec = state.read_server() or {}
     pid = state.running_pid()
-    doc = {**st, "running": bool(pid), "server": rec}
+    from free_dfml.server.liveness import quiet_for
+    quiet = quiet_for(state, rec.get("run_id")) if pid else None     # the live ServerApp's time without progress
+    doc = {**st, "running": bool(pid), "server": rec, "serverapp_quiet_s": round(quiet[0], 1) if quiet else None}
     ev_file = read_json(state.root / "last_evaluation.json")
     if ev_file and (not doc.get("last_evaluation") or ev_file.get("time", 0) > doc["last_evaluation"].get("time", 0)):
         doc["last_evaluation"] = ev_file
@@ -177,6 +180,10 @@ def status(state_dir: Path = STATE_OPT,
             print(f"evaluation {json.dumps({k: v for k, v in ev.items() if k != 'time'}, default=str)}")
     else:
         print("no status yet")
+    if quiet and quiet[0] >= QUIET_SHOWN_S:
+        lost = (st.get("settings") or {}).get("lost_after")
+        print(f"progress   the ServerApp has made none for {quiet[0]:.0f} s"
+              + (f" (it is submitted again past lost-after {lost:g} s)" if lost else ""))
     if pid and rec.get("phase") == "recovering":
         print("recovery   the run was lost: the ServerApp is being submitted again")
     for r in (rec.get("recoveries") or [])[-3:]:

@@ -190,6 +190,10 @@ def test_a_serverapp_without_progress_is_stopped_and_its_run_submitted_again(stu
     os.kill(first.pid, signal.SIGSTOP)
     old = time.time() - 100
     os.utime(state.root / ALIVE_FILE, (old, old))
+    state.write_pid(sup.record["pid"])
+    state.write_server({**sup.record, "run_id": 1})
+    assert run_cli(server_cli, "free-server", ["status", "--state", str(state.root)]) == 0
+    assert "the ServerApp has made none for 10" in capsys.readouterr().out    # said before it is acted on
     t0 = time.time()
     assert sup.check() is None
     assert time.time() - t0 < 3                 # SIGCONT + SIGTERM: no wait for the SIGKILL fallback
@@ -201,10 +205,10 @@ def test_a_serverapp_without_progress_is_stopped_and_its_run_submitted_again(stu
     assert ev["reason"].startswith("the ServerApp made no progress for 10") and "lost-after 5 s" in ev["reason"]
     assert "task-token authentication failed" in ev["reason"]
     assert sup.check() is None and subs == [2]               # the new ServerApp made progress just now
-    state.write_pid(sup.record["pid"])
     assert run_cli(server_cli, "free-server", ["status", "--state", str(state.root)]) == 0
     out = capsys.readouterr().out
     assert "run 1 -> 2: the ServerApp made no progress for 10" in out and "1 recovery since the server started" in out
+    assert "has made none" not in out
 
 
 def test_an_exited_serverapp_or_failed_resubmission_recovers_and_a_loop_of_them_stops(stubbed, monkeypatch):
