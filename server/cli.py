@@ -167,6 +167,9 @@ def status(state_dir: Path = STATE_OPT,
         stalled = (st.get("link") or {}).get("stalled_s") or 0
         if stalled:
             print(f"link       the SuperLink has not answered for {stalled:.0f} s (training goes on)")
+        if (st.get("link") or {}).get("heartbeat_restarts"):
+            print(f"link       Flower's task heartbeat stopped and was started again "
+                  f"{st['link']['heartbeat_restarts']} time(s)")
         if (st.get("link") or {}).get("last_error"):
             print(f"link       the last poll failed: {st['link']['last_error']}")
         it = tr.get("iteration", 0)

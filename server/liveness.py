@@ -11,6 +11,9 @@ and, past ``lost-after`` seconds, stops that ServerApp (SIGTERM: it checkpoints;
 not exit) and submits the run again. Nothing accepted is lost: the zoo and the checkpoints are in
 the state folder; a reply in flight is asked for again by the client's retry.
 
+:class:`HeartbeatWatch` keeps Flower's task heartbeat going in the ServerApp process (its sender
+ends on errors it does not retry, which would cost the run 60 s later).
+
 The file holds the ServerApp's pid and run id (rewritten when they change); a beat only sets its
 modification time, so a poll costs one ``utime`` call, not a write.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +55,44 @@ class Liveness:
             self._written = False          # removed under us: written again at the next beat
         except OSError:
             pass                           # a full disk must not stop the service; status says more
+
+
+class HeartbeatWatch:
+    """Flower's task heartbeat sender in this ServerApp process, started again if its thread died.
+
+    Flower's sender (``flwr.supercore.heartbeat.HeartbeatSender``, started before the ServerApp's
+    code runs) retries only transport errors and HTTP 503/504: any other error (a SuperLink's HTTP
+    500, for example) ends its thread for good, and 60 s later the SuperLink fails the run and
+    refuses the ServerApp's token. :meth:`check`, called at each poll, starts a new sender on the
+    same heartbeat call instead. The senders are found by their threads when this object is made
+    (a finished thread no longer names its target); outside a Flower ServerApp process there are
+    none and :meth:`check` does nothing."""
+
+    def __init__(self) -> None:
+        self.senders: list[Any] = []
+        self.restarts = 0
+        try:
+            from flwr.supercore.heartbeat import HeartbeatSender
+        except ImportError:       # another Flower: nothing to watch
+            return
+        self._cls = HeartbeatSender
+        for t in threading.enumerate():
+            owner = getattr(getattr(t, "_target", None), "__self__", None)
+            if isinstance(owner, HeartbeatSender) and not owner._stop_event.is_set():
+                self.senders.append(owner)
+
+    def check(self) -> int:
+        """Start a new sender for each one whose thread ended without being stopped; how many."""
+        n = 0
+        for i, old in enumerate(self.senders):
+            if old._thread.is_alive() or old._stop_event.is_set():
+                continue
+            new = self._cls(old.heartbeat_fn)
+            new.start()
+            self.senders[i] = new
+            n += 1
+        self.restarts += n
+        return n
 
 
 def last_beat(state: StateDir) -> dict[str, Any] | None:

@@ -30,7 +30,9 @@ stop request during the wait stops training and checkpoints without waiting for 
 The service stops on ``stop.request``, on :meth:`FreeServer.shutdown` (flwr's exit handler for
 SIGTERM/SIGINT) and when the supervisor process is gone. After every poll that succeeded and every
 reply it handled, it marks its progress in ``STATE/serverapp.alive`` (server/liveness.py): the
-supervisor stops and resubmits a ServerApp that has made none for ``lost-after`` seconds.
+supervisor stops and resubmits a ServerApp that has made none for ``lost-after`` seconds. Flower's
+task heartbeat sender in the ServerApp process, whose thread ends on an HTTP error it does not
+retry (the SuperLink then fails the run 60 s later), is started again at the next poll.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from free_dfml.common.package import PackageError
 from free_dfml.common.processes import pid_alive
 from free_dfml.common.wire import (TRANSPORT_ERRORS, ack_message, content_to_package, describe_content,
                                    query_message)
-from free_dfml.server.liveness import Liveness
+from free_dfml.server.liveness import HeartbeatWatch, Liveness
 from free_dfml.server.policy import admission_refusal
 from free_dfml.server.settings import ServerSettings
 from free_dfml.server.state import StateDir, build_status, read_json
@@ -107,6 +109,7 @@ class FreeServer:
         self._last_poll_ok: float | None = None
         self._last_error: str | None = None       # the last failed poll's error, until one succeeds
         self.liveness = Liveness(self.state, run_id)
+        self.heartbeat = HeartbeatWatch()          # Flower's task heartbeat, restarted if it died
         self._watchdog: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(PULL_WORKERS, thread_name_prefix="free-pull")
         self._pulling: dict[str, Future] = {}     # message id -> its pull in flight
@@ -240,6 +243,7 @@ class FreeServer:
         since = self._poll_since
         waited = time.time() - since if since is not None else 0.0
         return {"last_ok": self._last_poll_ok, "last_error": self._last_error,
+                "heartbeat_restarts": self.heartbeat.restarts,
                 "stalled_s": round(waited, 1) if waited >= self.LINK_STALL_S else 0.0}
 
     def write_status(self, force: bool = False) -> None:
@@ -307,12 +311,15 @@ class FreeServer:
             self.write_status()
 
     def serve(self) -> None:
-        LOG.info("FREE server: state %s, %d model(s) in the zoo", self.state.root, len(self.zoo))
+        LOG.info("FREE server: state %s, %d model(s) in the zoo, %d Flower heartbeat sender(s) watched",
+                 self.state.root, len(self.zoo), len(self.heartbeat.senders))
         self.write_status(force=True)
         self._watchdog = threading.Thread(target=self._watch, name="free-link-watchdog", daemon=True)
         self._watchdog.start()
         try:
             while not self.should_stop():
+                if self.heartbeat.check():
+                    LOG.warning("Flower's task heartbeat had stopped (an error it does not retry): started again")
                 self._poll_since = time.time()
                 try:
                     self.poll_once()

@@ -560,3 +560,38 @@ def test_serverapp_checkpoints_before_flowers_force_exit_timer(tmp_path, monkeyp
     srv = server_app.run_server(FakeGrid(), ServerSettings(state_dir=str(tmp_path / "s"), train=False),
                                 register_exit=True)
     assert seen == [(srv.shutdown, {"run_before_force_exit": True})]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_flowers_heartbeat_sender_is_started_again_if_its_thread_died():
+    """Flower's task heartbeat ends for good on an HTTP error it does not retry (a 500 here); the
+    run would then be failed by the SuperLink 60 s later. The watch starts a new sender on the same
+    heartbeat call; a sender stopped on purpose stays stopped."""
+    import httpx
+    from flwr.supercore.heartbeat import HeartbeatSender
+
+    from free_dfml.server.liveness import HeartbeatWatch
+    calls, go = [], threading.Event()
+
+    def heartbeat() -> bool:
+        calls.append(time.time())
+        if len(calls) == 1:
+            go.wait(5)
+            req = httpx.Request("POST", "http://127.0.0.1:9/v1/runtime/send-task-heartbeat")
+            raise httpx.HTTPStatusError("500", request=req, response=httpx.Response(500, request=req))
+        return True
+    sender = HeartbeatSender(heartbeat)
+    sender.start()
+    watch = HeartbeatWatch()
+    assert watch.senders == [sender] and watch.check() == 0
+    go.set()
+    sender._thread.join(5)
+    assert not sender._thread.is_alive()
+    assert watch.check() == 1 and watch.restarts == 1
+    new = watch.senders[0]
+    end = time.time() + 5
+    while time.time() < end and len(calls) < 2:
+        time.sleep(0.02)
+    assert len(calls) == 2 and new is not sender and new.is_running
+    new.stop()
+    assert watch.check() == 0 and watch.restarts == 1
