@@ -64,12 +64,16 @@ def train(
     classes: str = typer.Option(..., "--classes", help="class indices of the train split, e.g. 0-4 or 0,3,7"),
     arch: str = typer.Option("conv4", "--arch", help="conv4 | resnet10 | resnet18"),
     out: Path = typer.Option(..., "--out", help="the model package to write (.safetensors)"),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="default 30; DP recipe 80"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="default 0.01; DP recipe 0.5"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="default 30; DP recipe 20"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="default 0.01; DP recipe 1.0"),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adam | sgd (momentum 0.9); default adam, DP recipe sgd"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=0,
                                              help="default 32; 0 = all training images (the DP recipe)"),
-    augment: str = typer.Option("none", "--augment", help="none | flip | crop | crop+flip"),
+    augment: Optional[str] = typer.Option(None, "--augment",
+                                          help="none | flip | crop | crop+flip; default none, DP recipe crop"),
+    aug_mult: Optional[int] = typer.Option(None, "--aug-mult", min=1,
+                                           help="augmented copies of each image per step (DP: its gradient is "
+                                                "their mean); default 1, DP recipe 4"),
     width: Optional[int] = typer.Option(None, "--width", help="channel width (architecture default: 64)"),
     image_size: int = typer.Option(32, "--image-size", min=28),
     images_per_class: Optional[int] = typer.Option(None, "--images-per-class", min=1),
@@ -88,7 +92,7 @@ def train(
 ) -> None:
     """Train a classifier on your own classes and write it as a model package.
 
-    With --dp-epsilon, every recipe flag not given takes the DP recipe's value (features from the public stroke prior, only the head trained, full batches, SGD lr 0.5, 80 epochs).
+    With --dp-epsilon, every recipe flag not given takes the DP recipe's value (features from the public stroke prior, only the head trained, full batches, SGD lr 1.0, 20 epochs, 4 shifted copies of each image).
     """
     from free_dfml.client.prior import PRIORS
     from free_dfml.client.train import (AUGMENTATIONS, DP_RECIPE, OPTIMIZERS, TRAIN_LAYERS, TrainConfig,
@@ -109,7 +113,7 @@ def train(
         raise CliError("--batch-size must be 0 (all images) or >= 2")
     if lr is not None and not lr > 0:
         raise CliError("--lr must be > 0")
-    if augment not in AUGMENTATIONS:
+    if augment is not None and augment not in AUGMENTATIONS:
         raise CliError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
     if dp_epsilon is not None and not dp_epsilon > 0:
         raise CliError("--dp-epsilon must be > 0")
@@ -131,11 +135,19 @@ def train(
         raise CliError(str(e)) from None
     kw = {"width": width} if width is not None else {}
     given = {k: v for k, v in dict(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, prior=prior,
-                                   train_layers=train_layers).items() if v is not None}
+                                   train_layers=train_layers, augment=augment, aug_mult=aug_mult).items()
+             if v is not None}
     recipe = {**(DP_RECIPE if dp_epsilon is not None else {}), **given}
+    if recipe.get("augment") == "none" and aug_mult is None:
+        recipe["aug_mult"] = 1          # --augment none under DP: no copies to average
+    if recipe.get("aug_mult", 1) > 1 and recipe.get("augment", "none") == "none":
+        raise CliError("--aug-mult above 1 needs an --augment other than none")
     cfg = TrainConfig(arch=arch, arch_kwargs=kw, seed=seed, device=device, share_labels=share_labels,
-                      dp_epsilon=dp_epsilon, dp_delta=dp_delta, max_grad_norm=max_grad_norm, augment=augment,
-                      **recipe)
+                      dp_epsilon=dp_epsilon, dp_delta=dp_delta, max_grad_norm=max_grad_norm, **recipe)
+    try:
+        cfg.check()
+    except ValueError as e:
+        raise CliError(str(e)) from None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     with Progress(TextColumn("training {task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), transient=True) as bar:

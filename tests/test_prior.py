@@ -89,8 +89,11 @@ def test_dp_recipe_trains_the_head_on_full_batches(small_prior, fake_dataset):
                            fake_dataset.std)
     sd = pkg.build().state_dict()
     assert all(torch.equal(sd[k], feats[k]) for k in feats)      # DP noise touched only the head
+    # augmentation multiplicity changes the gradients, not the accounting
+    single, _ = train_client(fake_dataset, CLASSES, dp_config(4.0, arch_kwargs={"width": 8}, epochs=3, aug_mult=1))
+    assert single.meta.dp["noise_multiplier"] == dp["noise_multiplier"] and single.model_id != pkg.model_id
     for bad, match in [({"prior": "imagenet"}, "prior"), ({"train_layers": "last"}, "train_layers"),
-                       ({"batch_size": 1}, "batch_size")]:
+                       ({"batch_size": 1}, "batch_size"), ({"aug_mult": 2}, "aug_mult"), ({"aug_mult": 0}, "aug_mult")]:
         with pytest.raises(ValueError, match=match):
             TrainConfig(**bad).check()
 
@@ -120,6 +123,11 @@ def test_free_client_train_uses_the_dp_recipe_unless_told_otherwise(small_prior,
     dp = load_package(tmp_path / "dp.safetensors")
     assert dp.meta.training["prior"] == "strokes" and dp.meta.training["train_layers"] == "head"
     assert dp.meta.dp["sample_rate"] == 1.0 and dp.meta.dp["epochs"] == DP_RECIPE["epochs"]
+    # --augment none under DP drops the copies; copies without an augmentation are refused
+    assert run_cli(app, "free-client", base + ["--dp-epsilon", "4", "--augment", "none", "--epochs", "1",
+                                               "--out", str(tmp_path / "none.safetensors")]) == 0
+    assert run_cli(app, "free-client", base + ["--aug-mult", "2", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "--aug-mult" in capsys.readouterr().err
     # a flag given on the command line wins over the recipe; without DP the plain recipe is the default
     args = base + ["--dp-epsilon", "4", "--prior", "none", "--train-layers", "all", "--batch-size", "8",
                    "--epochs", "2", "--out", str(tmp_path / "dp2.safetensors")]
@@ -129,6 +137,16 @@ def test_free_client_train_uses_the_dp_recipe_unless_told_otherwise(small_prior,
     assert run_cli(app, "free-client", base + ["--epochs", "1", "--out", str(tmp_path / "plain.safetensors")]) == 0
     plain = load_package(tmp_path / "plain.safetensors")
     assert plain.meta.dp is None and "prior" not in plain.meta.training and plain.meta.arch_kwargs["norm"] == "bn"
+
+
+def test_each_image_s_gradient_is_the_mean_over_its_copies():
+    from free_dfml.client.train import _average_over_augmentations
+    p = torch.nn.Parameter(torch.zeros(2, 3))
+    copies = torch.stack([torch.full((2, 3), float(10 * c + i)) for c in range(4) for i in range(5)])  # [copy, image]
+    p.grad_sample = copies
+    _average_over_augmentations([p], 4)
+    assert p.grad_sample.shape == (5, 2, 3)
+    assert torch.equal(p.grad_sample[:, 0, 0], torch.tensor([15.0, 16.0, 17.0, 18.0, 19.0]))
 
 
 def test_simulated_dp_clients_use_the_dp_recipe(small_prior, fake_dataset):
