@@ -16,7 +16,7 @@ not measured.
 Pretraining is deterministic for the architecture, its width, the input shape and the client's
 normalisation, and is cached under ``$FREE_DFML_CACHE`` (default ``~/.cache/free-dfml``) in
 ``prior/<key>.safetensors`` (the features only; a lock makes concurrent clients pretrain once).
-It takes about a minute for a Conv4 of width 32 on one CPU core.
+It takes about two minutes for a Conv4 of width 32 on one CPU core.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ PRIORS = ("none", "strokes")
 
 @dataclass(frozen=True)
 class StrokePrior:
-    classes: int = 64              # synthetic classes
+    classes: int = 128             # synthetic classes
     images_per_class: int = 100
     epochs: int = 8                # Adam, lr 3e-3, batch 64
     lr: float = 3e-3

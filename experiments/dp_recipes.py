@@ -24,7 +24,7 @@ from torch.func import functional_call, grad, vmap
 
 BASE = dict(dp_epsilon=None, epochs=20, lr=0.003, optimizer="adam", batch_size=32, max_grad_norm=1.0,
             width=32, groups=None, aug_mult=1, augment="none", weight_decay=0.0, seed=0,
-            head_only=False)
+            head_only=False, prior=None, client=0)
 
 RECIPES: dict[str, dict] = {
     # the demo's client, and non-DP regularisation
@@ -67,17 +67,17 @@ RECIPES: dict[str, dict] = {
 }
 
 
-def load(images_per_class: int = 100, seed: int = 0):
+def load(images_per_class: int = 100, seed: int = 0, client: int = 0):
     from free_dfml.common.datasets import open_dataset
     from free_dfml.common.partition import client_classes
     ds = open_dataset("glyphs", image_size=32, seed=seed, images_per_class=images_per_class)
-    classes = client_classes(len(ds.classes("train")), 20, 5, True, seed)[0]
+    classes = client_classes(len(ds.classes("train")), 20, 5, True, seed)[client]
     return ds, classes
 
 
 def build(r: dict, num_classes: int, mean, std) -> nn.Module:
     from free_dfml.common.models import Normalized, build_model
-    norm = "gn" if r["dp_epsilon"] is not None else "bn"
+    norm = "gn" if r["dp_epsilon"] is not None or r["prior"] else "bn"
     net = build_model("conv4", num_classes=num_classes, width=r["width"], norm=norm)
     if r["groups"]:
         for name, m in list(net.named_modules()):
@@ -99,6 +99,14 @@ def shift(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 def train(r: dict, x_tr, y_tr, num_classes: int, mean, std) -> nn.Module:
     torch.manual_seed(r["seed"])
     model = build(r, num_classes, mean, std)
+    if r["prior"]:           # features pretrained on public random-process images; the head is fresh
+        if str(r["prior"]).endswith(".safetensors"):      # a client.prior cache file (features only)
+            from safetensors.torch import load_file
+            sd = load_file(r["prior"])
+        else:
+            sd = {k: v for k, v in torch.load(r["prior"]).items() if ".head." not in f".{k}"}
+        missing = model.load_state_dict(sd, strict=False).missing_keys
+        assert all(".head." in f".{k}" for k in missing), missing
     if r["head_only"]:       # the seeded random features stay as initialised; only the head learns
         for k, p in model.named_parameters():
             p.requires_grad_(".head." in f".{k}")
@@ -170,6 +178,8 @@ def measure(name: str, over: dict, ds, classes) -> dict:
     from free_dfml.client.train import holdout_split
     from free_dfml.common.datasets import to_float
     r = {**BASE, **over}
+    if r["client"]:
+        classes = load(client=r["client"])[1]
     data = ds.subset("train", classes)
     tr, ho = holdout_split(data, 0.2, r["seed"])
     x, y = to_float(data.images), data.labels
