@@ -94,27 +94,13 @@ def train(
 
     With --dp-epsilon, every recipe flag not given takes the DP recipe's value (features from the public stroke prior, only the head trained, full batches, SGD lr 1.0, 20 epochs, 4 shifted copies of each image).
     """
-    from free_dfml.client.prior import PRIORS
-    from free_dfml.client.train import (AUGMENTATIONS, DP_RECIPE, OPTIMIZERS, TRAIN_LAYERS, TrainConfig,
-                                        train_client)
+    from free_dfml.client.train import DP_RECIPE, TrainConfig, train_client
     from free_dfml.common.datasets import DataError, open_dataset
     from free_dfml.common.models import ARCHITECTURES
     from free_dfml.common.package import PackageError, save_package
 
     if arch not in ARCHITECTURES:
         raise CliError(f"--arch must be one of {', '.join(ARCHITECTURES)}, got {arch!r}")
-    if optimizer is not None and optimizer not in OPTIMIZERS:
-        raise CliError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
-    if prior is not None and prior not in PRIORS:
-        raise CliError(f"--prior must be one of {', '.join(PRIORS)}, got {prior!r}")
-    if train_layers is not None and train_layers not in TRAIN_LAYERS:
-        raise CliError(f"--train-layers must be one of {', '.join(TRAIN_LAYERS)}, got {train_layers!r}")
-    if batch_size == 1:
-        raise CliError("--batch-size must be 0 (all images) or >= 2")
-    if lr is not None and not lr > 0:
-        raise CliError("--lr must be > 0")
-    if augment is not None and augment not in AUGMENTATIONS:
-        raise CliError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
     if dp_epsilon is not None and not dp_epsilon > 0:
         raise CliError("--dp-epsilon must be > 0")
     if dp_delta is not None and not 0 < dp_delta < 1:
@@ -123,6 +109,20 @@ def train(
         raise CliError("--dp-delta needs --dp-epsilon")
     if not max_grad_norm > 0:
         raise CliError("--max-grad-norm must be > 0")
+    given = {k: v for k, v in dict(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, prior=prior,
+                                   train_layers=train_layers, augment=augment, aug_mult=aug_mult).items()
+             if v is not None}
+    recipe = {**(DP_RECIPE if dp_epsilon is not None else {}), **given}
+    if recipe.get("augment") == "none" and aug_mult is None:
+        recipe["aug_mult"] = 1          # --augment none under DP: no copies to average
+    kw = {"width": width} if width is not None else {}
+    cfg = TrainConfig(arch=arch, arch_kwargs=kw, seed=seed, device=device, share_labels=share_labels,
+                      dp_epsilon=dp_epsilon, dp_delta=dp_delta, max_grad_norm=max_grad_norm, **recipe)
+    try:
+        cfg.check()
+    except ValueError as e:             # the message starts with the field: name its flag
+        field, _, rest = str(e).partition(" ")
+        raise CliError(f"--{field.replace('_', '-')} {rest}") from None
     if out.exists() and out.is_dir():
         raise CliError(f"--out is a folder: {out}")
     if not out.parent.exists():
@@ -132,21 +132,6 @@ def train(
         ds = open_dataset(data, image_size=image_size, seed=seed, images_per_class=images_per_class)
         ds.subset("train", class_list)
     except DataError as e:
-        raise CliError(str(e)) from None
-    kw = {"width": width} if width is not None else {}
-    given = {k: v for k, v in dict(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, prior=prior,
-                                   train_layers=train_layers, augment=augment, aug_mult=aug_mult).items()
-             if v is not None}
-    recipe = {**(DP_RECIPE if dp_epsilon is not None else {}), **given}
-    if recipe.get("augment") == "none" and aug_mult is None:
-        recipe["aug_mult"] = 1          # --augment none under DP: no copies to average
-    if recipe.get("aug_mult", 1) > 1 and recipe.get("augment", "none") == "none":
-        raise CliError("--aug-mult above 1 needs an --augment other than none")
-    cfg = TrainConfig(arch=arch, arch_kwargs=kw, seed=seed, device=device, share_labels=share_labels,
-                      dp_epsilon=dp_epsilon, dp_delta=dp_delta, max_grad_norm=max_grad_norm, **recipe)
-    try:
-        cfg.check()
-    except ValueError as e:
         raise CliError(str(e)) from None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     with Progress(TextColumn("training {task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -88,16 +88,17 @@ class TrainConfig:
         return self.dp_epsilon is not None
 
     def check(self) -> None:
-        """Raise ValueError naming the first bad field."""
+        """Raise ValueError naming the first bad field; the message starts with the field's name."""
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.augment not in AUGMENTATIONS:
             raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.epochs < 0 or not (self.batch_size >= 2 or self.batch_size == 0):
-            raise ValueError(f"need epochs >= 0 and batch_size >= 2 (or 0: all images), got {self.epochs} "
-                             f"and {self.batch_size}")
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+        if not (self.batch_size >= 2 or self.batch_size == 0):
+            raise ValueError(f"batch_size must be 0 (all images) or >= 2, got {self.batch_size}")
         from free_dfml.client.prior import PRIORS
         if self.prior not in PRIORS:
             raise ValueError(f"prior must be one of {', '.join(PRIORS)}, got {self.prior!r}")
